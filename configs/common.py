@@ -1,0 +1,49 @@
+"""Shared config helpers: big_vision-style argument parsing and defaults used by every modality.
+
+A config file's `get_config(arg)` takes one string such as `variant=base,runlocal` (passed after a
+colon on the command line: `--config=configs/audio.py:variant=base`). `parse_arg` turns it into a
+ConfigDict with typed defaults, so a misspelt key fails instead of being ignored.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `key=value,flag` into a ConfigDict; keys must appear in `defaults`.
+
+  A bare `flag` sets a boolean default to True. Values take the type of their default.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not value:
+      if not isinstance(default, bool):
+        raise ValueError(f"Config argument {key!r} needs a value ({key}=...)")
+      parsed[key] = True
+    elif isinstance(default, bool):
+      parsed[key] = value.lower() in ("1", "true", "yes")
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def loop_config(total_steps: int) -> ml_collections.ConfigDict:
+  """Training-loop defaults shared by pretraining and fine-tuning."""
+  return ml_collections.ConfigDict(
+    dict(
+      total_steps=total_steps,
+      log_every=10,  # steps between log lines / JSONL / TensorBoard rows
+      checkpoint_every=200,  # steps between checkpoints (and one at the end)
+      keep_checkpoints=2,
+      collapse_check_after=5000,  # spec §0.7: abort on target collapse after this many updates
+      min_target_std=0.1,
+      min_pred_std=0.01,
+      progress_bar=True,
+    )
+  )

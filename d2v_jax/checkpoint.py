@@ -1,0 +1,117 @@
+"""Checkpoints in the work directory: train state, data-iterator position and a self-description.
+
+One orbax `CheckpointManager` step holds three items:
+  - `state`: the TrainState (student, EMA teacher, optimiser, step), restored against an abstract
+    target so optax's NamedTuples survive;
+  - `data`: the grain iterator's state, so a resumed run reads exactly the batches it would have;
+  - `meta`: JSON naming the modality, version and model config; a checkpoint of another model
+    fails with a message that lists the differing fields instead of an error deep in orbax.
+
+orbax writes each step to a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact. The loop never saves a non-finite state.
+"""
+
+import json
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+META_KEYS = ("modality", "version", "model")
+
+
+def describe(config) -> dict:
+  """What must match for a checkpoint to load into `config`'s model."""
+  return {
+    "modality": config.modality,
+    "version": config.version,
+    "model": json.loads(config.model.to_json()),
+  }
+
+
+def _differences(saved: dict, expected: dict, prefix: str = "") -> list[str]:
+  diffs = []
+  for key in sorted(set(saved) | set(expected)):
+    a, b = saved.get(key, "<missing>"), expected.get(key, "<missing>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += _differences(a, b, f"{prefix}{key}.")
+    elif a != b and not (isinstance(a, list) and tuple(a) == tuple(b)):
+      diffs.append(f"{prefix}{key}: checkpoint has {a!r}, config has {b!r}")
+  return diffs
+
+
+# Fields that may differ between a checkpoint and the run that resumes it.
+_RESUMABLE_MODEL_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop",
+                           "dtype")
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator) in `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir, config, keep: int = 2):
+    self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
+    self.config = config
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_names=("state", "data", "meta"),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator) -> None:
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave({**describe(self.config), "step": int(step)}),
+      ),
+    )
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def check_compatible(self, step: int) -> None:
+    """Raises ValueError naming every model field where checkpoint and config disagree."""
+    saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    saved = dict(saved["meta"])
+    expected = describe(self.config)
+    for meta in (saved, expected):
+      meta["model"] = {
+        k: v for k, v in meta.get("model", {}).items() if k not in _RESUMABLE_MODEL_FIELDS
+      }
+    diffs = _differences({k: saved.get(k) for k in META_KEYS}, expected)
+    if diffs:
+      raise ValueError(
+        f"The checkpoint at {self.directory / str(step)} was written by a different model:\n  "
+        + "\n  ".join(diffs)
+        + "\nUse a fresh --workdir, or match these config fields."
+      )
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores the state (onto `abstract_state`'s shardings) and, if given, the data position."""
+    self.check_compatible(step)
+    logging.info("Restoring step %d from %s", step, self.directory)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def abstract_state(state_fn, *args, sharding=None):
+  """Shapes/dtypes (and optionally a sharding) of `state_fn(*args)` without computing it."""
+  shapes = jax.eval_shape(state_fn, *args)
+  if sharding is None:
+    return shapes
+  return jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+  )

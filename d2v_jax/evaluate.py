@@ -1,0 +1,143 @@
+"""Linear probe: how linearly separable are a frozen encoder's features? (issue: speech probe)
+
+The encoder runs in eval mode on unmasked inputs; each layer's end-of-block output is mean-pooled
+over valid frames, the pooled layers are averaged, standardised with training statistics, and a
+softmax classifier is fitted with Adam on the training split and scored on the held-out split.
+For the embedded speech set: spoken-word labels, train/test split by voice (speaker-independent).
+
+The classifier's seed sets its initialisation and minibatch order; results are reported per seed
+and as the mean, for the pretrained encoder and for the same encoder at initialisation.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from d2v_jax.data import audio as audio_data
+from d2v_jax.data import sources
+
+_FRAME_STRIDE = 320  # the conv stack's hop: pad clips to whole frames
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeData:
+  """Fixed-length, normalised clips with integer labels."""
+
+  audio: np.ndarray  # [N, T] float32
+  padding_mask: np.ndarray  # [N, T] bool, True = padded
+  labels: np.ndarray  # [N] int32
+  class_names: tuple[str, ...]
+
+
+def load_word_clips(split: str, sample_rate: int = 16000, class_names=None) -> ProbeData:
+  """The embedded set's word clips of `split`, padded to one length, normalised per utterance."""
+  clips = sources.load_embedded_speech_index(split=split, kind="word")
+  if not clips:
+    raise ValueError(f"The embedded speech set has no word clips in split {split!r}")
+  class_names = class_names or tuple(sorted({c.word for c in clips}))
+  waves = [sources.read_audio(c.path, sample_rate) for c in clips]
+  longest = max(len(w) for w in waves)
+  length = -(-longest // _FRAME_STRIDE) * _FRAME_STRIDE
+  audio = np.zeros((len(waves), length), np.float32)
+  padding = np.ones((len(waves), length), bool)
+  for i, wave in enumerate(waves):
+    padded = np.pad(wave, (0, length - len(wave)))
+    audio[i] = audio_data.normalize_utterance(padded, len(wave))
+    padding[i, : len(wave)] = False
+  labels = np.asarray([class_names.index(c.word) for c in clips], np.int32)
+  return ProbeData(audio, padding, labels, class_names)
+
+
+def pooled_features(model, params, data: ProbeData, batch_size: int = 32) -> np.ndarray:
+  """[N, D]: per-layer mean over valid frames of the end-of-block outputs, averaged over layers."""
+
+  @jax.jit
+  def features(audio, padding):
+    _, aux = model.apply({"params": params}, audio, padding, train=False)
+    tokens_padding = model.apply(
+      {"params": params}, audio, padding, train=False, method=model.embed
+    )[1]
+    valid = (~tokens_padding)[..., None].astype(jnp.float32)  # [B, T, 1]
+    layers = [r["block"] for r in aux["layers"]]
+    pooled = [jnp.sum(x * valid, 1) / jnp.maximum(jnp.sum(valid, 1), 1.0) for x in layers]
+    return jnp.mean(jnp.stack(pooled), axis=0)  # [B, D]
+
+  n = len(data.labels)
+  out = []
+  for start in range(0, n, batch_size):
+    audio = data.audio[start : start + batch_size]
+    padding = data.padding_mask[start : start + batch_size]
+    short = batch_size - len(audio)  # pad the last batch so the function compiles once
+    if short:
+      audio = np.pad(audio, ((0, short), (0, 0)))
+      padding = np.pad(padding, ((0, short), (0, 0)), constant_values=True)
+    out.append(np.asarray(features(audio, padding))[: batch_size - short])
+  return np.concatenate(out)
+
+
+def fit_linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int, seed: int,
+                     l2: float = 1e-3, epochs: int = 200, batch_size: int = 32,
+                     lr: float = 1e-2) -> float:
+  """Softmax regression on standardised features; returns test accuracy."""
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+  key = jax.random.key(seed)
+  init_key, key = jax.random.split(key)
+  params = {
+    "w": 0.01 * jax.random.normal(init_key, (train_x.shape[1], num_classes)),
+    "b": jnp.zeros((num_classes,)),
+  }
+  tx = optax.adam(lr)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, x, y):
+    logits = x @ p["w"] + p["b"]
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return xent + l2 * jnp.sum(jnp.square(p["w"]))
+
+  @jax.jit
+  def epoch(p, opt_state, key):
+    order = jax.random.permutation(key, len(train_y))
+    num_batches = len(train_y) // batch_size
+    order = order[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+    def body(carry, idx):
+      p, opt_state = carry
+      grads = jax.grad(loss_fn)(p, train_x[idx], train_y[idx])
+      updates, opt_state = tx.update(grads, opt_state, p)
+      return (optax.apply_updates(p, updates), opt_state), None
+
+    (p, opt_state), _ = jax.lax.scan(body, (p, opt_state), order)
+    return p, opt_state
+
+  train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y)
+  for _ in range(epochs):
+    key, sub = jax.random.split(key)
+    params, opt_state = epoch(params, opt_state, sub)
+  predictions = np.argmax(np.asarray(test_x @ params["w"] + params["b"]), axis=-1)
+  return float(np.mean(predictions == test_y))
+
+
+def probe_accuracy(model, params, probe_cfg, train: ProbeData, test: ProbeData) -> list[float]:
+  """Test accuracy of a linear probe on `params`' pooled features, one value per probe seed."""
+  train_x = pooled_features(model, params, train, probe_cfg.batch_size)
+  test_x = pooled_features(model, params, test, probe_cfg.batch_size)
+  accuracies = []
+  for seed in probe_cfg.seeds:
+    acc = fit_linear_probe(
+      train_x, train.labels, test_x, test.labels,
+      num_classes=len(train.class_names), seed=seed, l2=probe_cfg.l2,
+    )
+    accuracies.append(acc)
+  logging.info("probe accuracy per seed %s: mean %.4f", accuracies, np.mean(accuracies))
+  return accuracies
+
+
+def load_probe_sets(sample_rate: int = 16000) -> tuple[ProbeData, ProbeData]:
+  train = load_word_clips("train", sample_rate)
+  test = load_word_clips("test", sample_rate, class_names=train.class_names)
+  return train, test

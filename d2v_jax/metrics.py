@@ -1,0 +1,74 @@
+"""Logging and run health: JSONL + TensorBoard scalars, NaN and collapse checks (spec §0.7).
+
+Metrics come out of the jitted step as device scalars and are fetched only at log steps, so the
+loop never waits on the device in between.
+"""
+
+import json
+import math
+import pathlib
+
+
+class TrainingHealthError(RuntimeError):
+  """The run produced a non-finite loss or its targets collapsed."""
+
+
+class MetricWriter:
+  """Writes one JSON object per log step to `<workdir>/metrics.jsonl` and TensorBoard events."""
+
+  def __init__(self, workdir, enable_tensorboard: bool = True):
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+    self._tb = None
+    if enable_tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != "step":
+          self._tb.add_scalar(key, value, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_line(step: int, scalars: dict) -> str:
+  """A compact log line: `step 120 | loss 0.512 | target_var 0.843 | ...`."""
+  parts = [f"step {step}"]
+  for key, value in scalars.items():
+    parts.append(f"{key} {value:.4g}")
+  return " | ".join(parts)
+
+
+def check_health(step: int, scalars: dict, loop_cfg) -> None:
+  """Raises TrainingHealthError on a non-finite loss or (after warm-up) collapsed targets."""
+  bad = [k for k in ("loss", "grad_norm") if k in scalars and not math.isfinite(scalars[k])]
+  if bad:
+    raise TrainingHealthError(
+      f"Non-finite {', '.join(bad)} at step {step}. The last good checkpoint is kept. "
+      "Lower config.optim.lr, enable clipping (config.optim.clip_norm), or use float32 compute."
+    )
+  if step < loop_cfg.collapse_check_after:
+    return
+  target_std, pred_std = scalars.get("target_var"), scalars.get("pred_var")
+  if target_std is not None and target_std < loop_cfg.min_target_std:
+    raise TrainingHealthError(
+      f"Target collapse at step {step}: target std {target_std:.4f} < "
+      f"config.loop.min_target_std={loop_cfg.min_target_std}. The teacher's representations "
+      "have become constant; lower config.optim.lr or raise config.ema.decay (spec §0.7)."
+    )
+  if pred_std is not None and pred_std < loop_cfg.min_pred_std:
+    raise TrainingHealthError(
+      f"Prediction collapse at step {step}: prediction std {pred_std:.4f} < "
+      f"config.loop.min_pred_std={loop_cfg.min_pred_std}; lower config.optim.lr (spec §0.7)."
+    )

@@ -1,0 +1,1 @@
+"""Flax encoders: shared transformer blocks plus one front end per modality."""

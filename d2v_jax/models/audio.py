@@ -1,0 +1,163 @@
+"""Speech front end and encoder of data2vec 1.0 (spec §1.1, audio; wav2vec 2.0 layout).
+
+- `FeatureExtractor`: 7 Conv1d (no bias), kernels (10,3,3,3,3,2,2), strides (5,2,2,2,2,2,2), each
+  followed by a LayerNorm over channels and GELU: 16 kHz -> 50 Hz, receptive field 400 samples.
+- `AudioFrontend`: feature extractor -> LayerNorm -> Linear to the model width. Its output is what
+  the student masks and what the teacher encodes unmasked (the CNN and projection are shared).
+- `AudioEncoder`: zero the padded frames, add a 5-layer grouped convolutional positional encoding,
+  LayerNorm, dropout, then the post-LN transformer stack.
+
+Padding is carried exactly: frame t is valid iff it lies inside `output_lengths(valid_samples)`,
+and the receptive field of every valid frame lies inside the valid samples, so padded and unpadded
+inputs give the same features at valid frames.
+"""
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from d2v_jax.models import transformer
+
+CONV_KERNELS = (10, 3, 3, 3, 3, 2, 2)
+CONV_STRIDES = (5, 2, 2, 2, 2, 2, 2)
+
+# PyTorch's default Conv/Linear initialisation (kaiming_uniform with a=sqrt(5)).
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def output_lengths(lengths, kernels=CONV_KERNELS, strides=CONV_STRIDES):
+  """Frames produced by the conv stack for inputs of `lengths` samples: ⌊(L−k)/s⌋+1 per layer.
+
+  Works on Python ints, numpy and jax arrays; lengths shorter than the receptive field give 0.
+  """
+  xp = jnp if not isinstance(lengths, int | np.ndarray | np.integer) else np
+  for k, s in zip(kernels, strides, strict=True):
+    lengths = xp.maximum((lengths - k) // s + 1, 0)
+  return lengths
+
+
+def frame_padding_mask(padding_mask, kernels=CONV_KERNELS, strides=CONV_STRIDES):
+  """Sample-level padding mask [B, T] (True = pad) -> frame-level padding mask [B, T']."""
+  num_frames = output_lengths(padding_mask.shape[1], kernels, strides)
+  valid = output_lengths(jnp.sum(~padding_mask, axis=1), kernels, strides)  # [B]
+  return jnp.arange(num_frames)[None, :] >= valid[:, None]
+
+
+class FeatureExtractor(nn.Module):
+  """Raw waveform [B, T] -> conv features [B, T', C]."""
+
+  conv_dim: int = 512
+  kernels: Sequence[int] = CONV_KERNELS
+  strides: Sequence[int] = CONV_STRIDES
+  conv_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, audio):
+    x = audio[..., None].astype(self.dtype)  # [B, T, 1]
+    for j, (k, s) in enumerate(zip(self.kernels, self.strides, strict=True)):
+      x = nn.Conv(
+        self.conv_dim,
+        (k,),
+        strides=(s,),
+        padding="VALID",
+        use_bias=self.conv_bias,
+        kernel_init=nn.initializers.kaiming_normal(),
+        dtype=self.dtype,
+        name=f"conv_{j}",
+      )(x)
+      x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=f"norm_{j}")(x)
+      x = transformer.gelu(x)
+    return x  # [B, T', C]
+
+
+class AudioFrontend(nn.Module):
+  """Waveform -> projected frame features and the frame padding mask."""
+
+  dim: int
+  conv_dim: int = 512
+  conv_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, audio, padding_mask, *, train: bool):
+    del train  # no dropout here: data2vec's feature-projection dropout is 0
+    features = FeatureExtractor(self.conv_dim, conv_bias=self.conv_bias, dtype=self.dtype,
+                                name="feature_extractor")(audio)
+    features = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="feature_norm")(features)
+    x = nn.Dense(self.dim, kernel_init=torch_default_init, dtype=self.dtype,
+                 name="projection")(features)  # [B, T', D]
+    return x, frame_padding_mask(padding_mask)
+
+
+class ConvPositionalEncoding(nn.Module):
+  """`depth` × [grouped Conv1d (same length) -> LayerNorm without affine -> GELU]."""
+
+  depth: int = 5
+  kernel_size: int = 19
+  groups: int = 16
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    k = self.kernel_size
+    for j in range(self.depth):
+      x = nn.Conv(
+        dim,
+        (k,),
+        padding=[(k // 2, k // 2)],
+        feature_group_count=self.groups,
+        kernel_init=torch_default_init,
+        dtype=self.dtype,
+        name=f"conv_{j}",
+      )(x)
+      if k % 2 == 0:  # SamePad: an even kernel with padding k//2 yields one extra frame
+        x = x[:, :-1]
+      x = nn.LayerNorm(epsilon=1e-5, use_bias=False, use_scale=False, dtype=self.dtype)(x)
+      x = transformer.gelu(x)
+    return x
+
+
+class AudioEncoder(nn.Module):
+  """Frame features [B, T', D] -> (output [B, T', D], aux).
+
+  aux = {"input": the first block's input, "layers": [{"ffn", "block"} per block]}.
+  """
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  pos_conv_depth: int = 5
+  pos_conv_kernel: int = 19
+  pos_conv_groups: int = 16
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+  activation_dropout: float = 0.0
+  layerdrop: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, padding_mask, *, train: bool):
+    x = jnp.where(padding_mask[..., None], 0, x)  # padded frames must not leak into the pos conv
+    x = x + ConvPositionalEncoding(
+      self.pos_conv_depth, self.pos_conv_kernel, self.pos_conv_groups, dtype=self.dtype,
+      name="pos_conv",
+    )(x)
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="layer_norm")(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    encoder_input = x
+    x, layers = transformer.Encoder(
+      self.num_layers,
+      self.num_heads,
+      self.mlp_dim,
+      self.dropout,
+      self.attention_dropout,
+      self.activation_dropout,
+      self.layerdrop,
+      dtype=self.dtype,
+      name="blocks",
+    )(x, padding_mask, train=train)
+    return x, {"input": encoder_input, "layers": layers}

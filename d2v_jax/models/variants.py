@@ -1,0 +1,30 @@
+"""Model sizes per modality: `tiny` for tests and CPU runs, then the paper's `base` and `large`.
+
+Spec §1.1: base is 12 layers / 768 wide / 12 heads / FFN 3072; large is 24 / 1024 / 16 / 4096.
+"""
+
+# Shared transformer shapes.
+_TRANSFORMER = {
+  "tiny": dict(num_layers=4, dim=192, num_heads=4, mlp_dim=768),
+  "base": dict(num_layers=12, dim=768, num_heads=12, mlp_dim=3072),
+  "large": dict(num_layers=24, dim=1024, num_heads=16, mlp_dim=4096),
+}
+
+# Modality-specific front-end sizes.
+_AUDIO = {
+  # The CNN keeps the exact kernels and strides; only its width shrinks for CPU runs.
+  "tiny": dict(conv_dim=128, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16),
+  "base": dict(conv_dim=512, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16),
+  "large": dict(conv_dim=512, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16),
+}
+
+_FRONTENDS = {"audio": _AUDIO}
+
+
+def decode_variant(modality: str, variant: str) -> dict:
+  """Returns the size fields of `variant` for `modality`, e.g. ("audio", "base")."""
+  if modality not in _FRONTENDS:
+    raise ValueError(f"Unknown modality {modality!r}; known: {sorted(_FRONTENDS)}")
+  if variant not in _TRANSFORMER:
+    raise ValueError(f"Unknown variant {variant!r}; known: {sorted(_TRANSFORMER)}")
+  return {**_TRANSFORMER[variant], **_FRONTENDS[modality][variant]}

@@ -1,0 +1,121 @@
+"""The data2vec pretraining step: one pure function, jitted once per input shape (spec §0).
+
+Order inside the step:
+  1. keys: fold the step into the loop key, split into `mask` and `dropout` streams;
+  2. student front end on the input -> tokens and their padding mask;
+  3. mask drawn with jax.random from the token padding mask (static shape, same count per row);
+  4. teacher (eval mode, stop_gradient) encodes the unmasked tokens -> normalised top-K targets;
+  5. student encodes the masked tokens -> regression head -> loss at masked, valid positions;
+  6. gradient, Adam update, then the EMA update of the teacher with τ(step).
+
+The teacher forward runs inside the differentiated function only because its input (the shared
+CNN features) is computed there; it is wrapped in `stop_gradient`, so no backward pass is built
+for it and the CNN runs once per step.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from d2v_jax import losses, masking, targets, teacher
+from d2v_jax.state import TrainState
+
+# Batch keys of each modality's model input (DESIGN.md, "Batches").
+INPUT_KEYS = {"audio": "audio"}
+
+
+def model_inputs(batch, modality: str):
+  """(inputs, padding_mask) of a batch; padding_mask is True at padded positions."""
+  inputs = batch[INPUT_KEYS[modality]]
+  padding = batch.get("padding_mask")
+  if padding is None:
+    padding = jnp.zeros(inputs.shape[:2], bool)
+  return inputs, padding
+
+
+def draw_mask(rng, token_padding, config: ml_collections.ConfigDict):
+  """The student's mask for `config.modality` (spec §1.2)."""
+  if config.modality == "audio":
+    m = config.masking
+    return masking.span_mask(
+      rng, token_padding, prob=m.prob, length=m.length, min_masks=m.min_masks
+    )
+  raise ValueError(f"No masking defined for modality {config.modality!r}")
+
+
+def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
+  """Returns `step(state, batch, loop_key) -> (state, metrics)`, pure and ready for jit."""
+  names = tuple(config.ema.teacher_params)
+  loss_scale = None if config.loss.scale < 0 else config.loss.scale
+
+  def teacher_targets(teacher_params, tokens, token_padding):
+    _, aux = model.encoder.apply(
+      {"params": teacher_params["encoder"]}, tokens, token_padding, train=False
+    )
+    t = config.targets
+    return targets.build_targets(
+      aux["layers"],
+      token_padding,
+      top_k=t.top_k,
+      layer_output=t.layer_output,
+      layer_norm_kind=t.layer_norm,
+      final_norm=t.final_norm,
+    )
+
+  def step(state: TrainState, batch, loop_key):
+    rng = jax.random.fold_in(loop_key, state.step)
+    mask_rng, dropout_rng = jax.random.split(rng)
+    inputs, padding = model_inputs(batch, config.modality)
+
+    def loss_fn(params):
+      variables = {"params": params}
+      rngs = {"dropout": dropout_rng}
+      tokens, token_padding = model.apply(
+        variables, inputs, padding, train=True, rngs=rngs, method=model.embed
+      )  # [B, T, D], [B, T]
+      mask = draw_mask(mask_rng, token_padding, config)
+      y = jax.lax.stop_gradient(
+        teacher_targets(state.teacher, jax.lax.stop_gradient(tokens), token_padding)
+      )
+      x, _ = model.apply(
+        variables, tokens, token_padding, mask, train=True, rngs=rngs, method=model.encode
+      )
+      pred = model.apply(variables, x, method=model.predict)  # [B, T, D]
+      weights = mask & ~token_padding
+      loss, num_masked = losses.regression_loss(
+        pred, y, weights, beta=config.loss.beta, scale=loss_scale
+      )
+      return loss, {
+        "target_var": losses.masked_std(y, weights),
+        "pred_var": losses.masked_std(pred, weights),
+        "num_masked": num_masked,
+      }
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = teacher.ema_decay(
+      state.step,
+      decay=config.ema.decay,
+      end_decay=config.ema.end_decay,
+      anneal_steps=config.ema.anneal_steps,
+    )
+    new_teacher = teacher.ema_update(
+      state.teacher, params, decay, names=names,
+      copied=teacher.copy_mask(state.teacher, config.ema.copy_params),
+    )
+    metrics = {
+      "loss": loss,
+      "ema_decay": decay,
+      "lr": schedule(state.step),
+      "grad_norm": optax.global_norm(grads),
+      "valid_inputs": jnp.sum(~padding),  # samples (audio) or tokens (text) actually seen
+      **aux,
+    }
+    new_state = state.replace(
+      step=state.step + 1, params=params, teacher=new_teacher, opt_state=opt_state
+    )
+    return new_state, metrics
+
+  return step
