@@ -18,8 +18,20 @@ _MULTI_HOST = flags.DEFINE_bool(
 )
 
 
+def quiet_library_logs() -> None:
+  """Keeps orbax's and grain's per-save INFO chatter out of the run log (warnings still show)."""
+  import logging as std_logging
+
+  def keep(record) -> bool:
+    noisy = any(lib in record.pathname for lib in ("/orbax/", "/grain/"))
+    return record.levelno >= std_logging.WARNING or not noisy
+
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
   del argv
+  quiet_library_logs()
   import jax  # after flag parsing, so XLA_FLAGS set by launchers apply
 
   if _MULTI_HOST.value:

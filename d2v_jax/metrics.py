@@ -52,7 +52,8 @@ def format_line(step: int, scalars: dict) -> str:
 
 def check_health(step: int, scalars: dict, loop_cfg) -> None:
   """Raises TrainingHealthError on a non-finite loss or (after warm-up) collapsed targets."""
-  bad = [k for k in ("loss", "grad_norm") if k in scalars and not math.isfinite(scalars[k])]
+  bad = [k for k in ("loss", "grad_norm", "param_norm")
+         if k in scalars and not math.isfinite(scalars[k])]
   if bad:
     raise TrainingHealthError(
       f"Non-finite {', '.join(bad)} at step {step}. The last good checkpoint is kept. "

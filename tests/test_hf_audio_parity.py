@@ -1,0 +1,375 @@
+"""Layer-by-layer parity of our speech encoder with HF `Data2VecAudioModel` (spec §1.1 audio, §4).
+
+Three kinds of test:
+- Fixture tests (always run, no torch): `fixtures/hf_audio_small.npz` holds a random HF model's
+  state dict, inputs and activations. We convert the weights with `d2v_jax.convert.hf_audio`, run
+  our model in fp32 and compare, at valid frames, the CNN features, the projection LayerNorm
+  output (HF `extract_features`), the projected features, `hidden_states[0..L]`, every block's FFN
+  output before the residual (the data2vec regression targets) and a run with `mask_time_indices`
+  (which exercises `masked_spec_embed` -> `mask_emb`). Negative controls check that the comparison
+  notices a swapped or permuted weight.
+- Converter error tests: unknown, missing and mis-shaped keys and unsupported configs raise
+  errors that name them.
+- Live tests (`@pytest.mark.torch`): fresh random HF models of other shapes (even pos-conv kernel,
+  no `masked_spec_embed`, 768 wide, and the base shape). torch needs Python 3.11 and is not a
+  dependency, so these tests run `fixtures/make_hf_audio_fixture.py` under a torch interpreter in
+  a subprocess and compare its arrays in-process. The interpreter is `$D2V_TORCH_PYTHON`, else this
+  one if it has torch and transformers, else `.venv-torch/bin/python`; with none they skip. See
+  the fixture script's docstring for setting up `.venv-torch`, then:
+
+      .venv/bin/python -m pytest tests/test_hf_audio_parity.py -m torch
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d2v_jax.convert import hf_audio
+
+TOL = 1e-4  # max abs difference, fp32, at valid frames
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+FIXTURE = FIXTURES / "hf_audio_small.npz"
+FIXTURE_SCRIPT = FIXTURES / "make_hf_audio_fixture.py"
+
+
+def load_reference(path):
+  """npz written by the fixture script -> (state dict, HF config dict, other arrays)."""
+  with np.load(path) as data:
+    arrays = {k: data[k] for k in data.files}
+  state_dict = {k.removeprefix("param/"): v for k, v in arrays.items() if k.startswith("param/")}
+  hf_config = json.loads(str(arrays["meta/hf_config"]))
+  return state_dict, hf_config, arrays
+
+
+@functools.cache
+def _forward(model):
+  """Jitted forward of `model` returning our tensors under the fixture's names (HF layout)."""
+
+  def capture(module, method_name):
+    return method_name == "__call__" and module.name in ("feature_extractor", "feature_norm")
+
+  @jax.jit
+  def forward(params, audio, padding_mask, mask):
+    (_, aux), state = model.apply(
+      {"params": params}, audio, padding_mask, mask, train=False, capture_intermediates=capture
+    )
+    frontend = state["intermediates"]["frontend"]
+    tokens, frame_padding = model.apply(
+      {"params": params}, audio, padding_mask, train=False, method="embed"
+    )
+    out = {
+      "out/frame_mask": ~frame_padding,
+      "out/cnn": frontend["feature_extractor"]["__call__"][0],
+      "out/extract_features": frontend["feature_norm"]["__call__"][0],
+      "out/projected": tokens,
+      "out/hidden_states/0": aux["input"],
+    }
+    for i, layer in enumerate(aux["layers"]):
+      out[f"out/hidden_states/{i + 1}"] = layer["block"]
+      out[f"out/ffn/{i}"] = layer["ffn"]
+    return out
+
+  return forward
+
+
+def run_ours(model, params, ref):
+  """Our outputs for the reference inputs: unmasked run, plus the masked run if HF made one."""
+  audio = jnp.asarray(ref["input/values"])
+  padding_mask = jnp.asarray(ref["input/attention_mask"] == 0)  # ours is True at padding
+  forward = _forward(model)
+  ours = jax.device_get(forward(params, audio, padding_mask, None))
+  if "masked/hidden_states/0" in ref:
+    masked = forward(params, audio, padding_mask, jnp.asarray(ref["input/mask_time_indices"]))
+    ours.update(
+      {
+        k.replace("out/", "masked/"): v
+        for k, v in jax.device_get(masked).items()
+        if k.startswith("out/hidden_states/")
+      }
+    )
+  return ours
+
+
+def max_abs_diffs(ours, ref):
+  """{tensor name: max abs difference at valid frames} over every float tensor HF stored."""
+  valid = ref["out/frame_mask"]
+  names = [k for k in ref if k.startswith(("out/", "masked/")) and k != "out/frame_mask"]
+  missing = sorted(set(names) - set(ours))
+  assert not missing, f"our model produced no counterpart for {missing}"
+  shapes = {k: (ours[k].shape, ref[k].shape) for k in names if ours[k].shape != ref[k].shape}
+  assert not shapes, f"shape mismatch (ours, HF): {shapes}"  # broadcasting would hide it
+  return {k: float(np.max(np.abs(ours[k] - ref[k])[valid])) for k in names}
+
+
+def assert_parity(ours, ref):
+  assert np.array_equal(ours["out/frame_mask"], ref["out/frame_mask"]), (
+    "frame padding mask differs from HF's feature-level attention mask:\n"
+    f"ours valid frames {ours['out/frame_mask'].sum(1)}, HF {ref['out/frame_mask'].sum(1)}"
+  )
+  diffs = max_abs_diffs(ours, ref)
+  report = "\n".join(f"  {k}: {v:.3g}" for k, v in sorted(diffs.items()))
+  bad = {k: v for k, v in diffs.items() if not v <= TOL}  # `not <=` also catches NaN
+  assert not bad, f"max abs diff > {TOL} for {sorted(bad)}; all diffs:\n{report}"
+  return diffs
+
+
+# ----------------------------------------------------------------------------- fixture tests
+
+
+@pytest.fixture(scope="module")
+def small():
+  state_dict, hf_config, ref = load_reference(FIXTURE)
+  model, model_cfg, params = hf_audio.build_from_hf(state_dict, hf_config)
+  return dict(
+    state_dict=state_dict,
+    hf_config=hf_config,
+    ref=ref,
+    model=model,
+    params=params,
+    model_cfg=model_cfg,
+  )
+
+
+def test_fixture_config_maps_every_size(small):
+  cfg = small["model_cfg"]
+  got = {k: cfg[k] for k in ("num_layers", "dim", "num_heads", "mlp_dim", "conv_dim")}
+  assert got == dict(num_layers=3, dim=64, num_heads=4, mlp_dim=128, conv_dim=32)
+  # HF's `num_conv_pos_embeddings` is the number of pos-conv layers, not a kernel size.
+  assert (cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups) == (5, 19, 16)
+  assert (cfg.dropout, cfg.attention_dropout, cfg.layerdrop, cfg.dtype) == (0, 0, 0, "float32")
+
+
+def test_fixture_has_padding_and_masking(small):
+  """Guards the fixture itself: padding and the masked run must actually be exercised."""
+  ref = small["ref"]
+  assert ref["input/attention_mask"].sum(1).tolist() == [12000, 9000]
+  assert ref["out/frame_mask"].sum(1).tolist() == [37, 27]
+  assert "masked/hidden_states/0" in ref and ref["input/mask_time_indices"].any()
+  versions = json.loads(str(ref["meta/versions"]))
+  assert set(versions) == {"torch", "transformers"}
+
+
+def test_fixture_parity(small):
+  ours = run_ours(small["model"], small["params"], small["ref"])
+  diffs = assert_parity(ours, small["ref"])
+  assert len(diffs) == 4 + 2 * 3 + 4  # cnn, features, projected, h0; ffn+block x 3; masked h0..h3
+
+
+def _perturb(state_dict, name):
+  sd = dict(state_dict)
+  layer = "encoder.layers.1.attention"
+  if name == "swap_q_k":
+    for p in ("weight", "bias"):
+      sd[f"{layer}.q_proj.{p}"], sd[f"{layer}.k_proj.{p}"] = (
+        sd[f"{layer}.k_proj.{p}"],
+        sd[f"{layer}.q_proj.{p}"],
+      )
+  elif name == "permute_heads_v":  # a head-split mix-up: v's heads rotated, out_proj's not
+    for p in ("weight", "bias"):
+      sd[f"{layer}.v_proj.{p}"] = np.roll(sd[f"{layer}.v_proj.{p}"], 16, axis=0)
+  elif name == "flip_pos_conv_taps":  # convolution vs cross-correlation
+    key = "encoder.pos_conv_embed.layers.2.conv.weight"
+    sd[key] = sd[key][..., ::-1]
+  elif name == "reset_cnn_norm_scale":  # what a dropped LayerNorm scale would look like
+    key = "feature_extractor.conv_layers.3.layer_norm.weight"
+    sd[key] = np.ones_like(sd[key])
+  return sd
+
+
+@pytest.mark.parametrize(
+  "perturbation", ["swap_q_k", "permute_heads_v", "flip_pos_conv_taps", "reset_cnn_norm_scale"]
+)
+def test_fixture_detects_wrong_weights(small, perturbation):
+  """Negative control: a plausible conversion mistake must break parity by far more than TOL."""
+  params = hf_audio.params_from_hf(
+    _perturb(small["state_dict"], perturbation), small["hf_config"], init_params=small["params"]
+  )
+  ours = run_ours(small["model"], params, small["ref"])
+  last = "out/hidden_states/3"
+  worst = max_abs_diffs(ours, small["ref"])[last]
+  assert worst > 100 * TOL, f"{perturbation} changed {last} by only {worst:.3g}"
+
+
+# ----------------------------------------------------------------------------- converter errors
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+  state_dict, hf_config, _ = load_reference(FIXTURE)
+  return state_dict, hf_config
+
+
+def test_converter_without_init_params_leaves_out_final_proj(ckpt):
+  params = hf_audio.params_from_hf(*ckpt)
+  assert "final_proj" not in params
+  np.testing.assert_array_equal(params["mask_emb"], ckpt[0]["masked_spec_embed"])
+  # Layout spot checks: Linear transposed, q split as [D, H, Dh], Conv as [k, in/groups, out].
+  q = ckpt[0]["encoder.layers.0.attention.q_proj.weight"]
+  np.testing.assert_array_equal(
+    params["encoder"]["blocks"]["layer_00"]["attention"]["query"]["kernel"][:, 1, :],
+    q[16:32].T,
+  )
+  assert params["encoder"]["pos_conv"]["conv_0"]["kernel"].shape == (19, 4, 64)
+
+
+def test_converter_keeps_final_proj_from_init(small):
+  model = small["model"]
+  rngs = {"params": jax.random.key(7)}
+  audio_in = jnp.zeros((1, 400)), jnp.zeros((1, 400), bool)
+  # Shapes of the full tree plus real values for the head (a full init compiles slowly on CPU).
+  shapes = jax.eval_shape(lambda: model.init(rngs, *audio_in))["params"]
+  head = model.init(rngs, jnp.zeros((1, 64)), method="predict")["params"]
+  params = hf_audio.params_from_hf(
+    small["state_dict"], small["hf_config"], init_params={**shapes, **head}
+  )
+  np.testing.assert_array_equal(params["final_proj"]["kernel"], head["final_proj"]["kernel"])
+  np.testing.assert_array_equal(params["mask_emb"], small["state_dict"]["masked_spec_embed"])
+  assert jax.tree.structure(params) == jax.tree.structure(shapes)
+  # An init tree from a differently sized model is caught leaf by leaf.
+  wrong = {**shapes, "final_proj": {"kernel": np.zeros((64, 64)), "bias": np.zeros(64)}}
+  wrong["encoder"] = {**shapes["encoder"], "extra": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with pytest.raises(hf_audio.ConversionError, match="encoder/extra"):
+    hf_audio.params_from_hf(small["state_dict"], small["hf_config"], init_params=wrong)
+
+
+@pytest.mark.parametrize(
+  "key, value, expected",
+  [
+    ("encoder.layers.2.feed_forward.output_dense.bias", None, "missing keys"),
+    ("masked_spec_embed", None, "missing keys"),  # required: the config has mask_time_prob > 0
+    ("encoder.extra.weight", np.zeros(3), "unknown keys"),
+    ("encoder.layers.1.attention.k_proj.weight", np.zeros((64, 32)), "mis-shaped keys"),
+  ],
+  ids=["missing", "missing_mask_emb", "unknown", "misshaped"],
+)
+def test_converter_names_offending_keys(ckpt, key, value, expected):
+  """Deletes `key` (value None) or sets it to `value`; the error must name it."""
+  state_dict = dict(ckpt[0])
+  if value is None:
+    del state_dict[key]
+  else:
+    state_dict[key] = value
+  with pytest.raises(hf_audio.ConversionError, match=expected) as err:
+    hf_audio.params_from_hf(state_dict, ckpt[1])
+  assert key in str(err.value)
+
+
+def test_converter_reports_all_problems_at_once(ckpt):
+  state_dict = dict(ckpt[0])
+  del state_dict["feature_projection.projection.bias"]
+  state_dict["encoder.pos_conv_embed.layers.0.conv.weight_g"] = np.zeros((1, 1, 19))
+  with pytest.raises(hf_audio.ConversionError) as err:
+    hf_audio.params_from_hf(state_dict, ckpt[1])
+  message = str(err.value)
+  assert "feature_projection.projection.bias" in message
+  assert "conv.weight_g" in message and "weight-norm" in message
+
+
+def test_converter_task_model_prefix(ckpt):
+  """A `Data2VecAudioForCTC` state dict: base keys under a prefix, the CTC head is not dropped."""
+  state_dict = {hf_audio.TASK_MODEL_PREFIX + k: v for k, v in ckpt[0].items()}
+  params = hf_audio.params_from_hf(state_dict, ckpt[1], prefix=hf_audio.TASK_MODEL_PREFIX)
+  assert "mask_emb" in params
+  state_dict["lm_head.weight"] = np.zeros((32, 64))
+  with pytest.raises(hf_audio.ConversionError, match="lm_head.weight"):
+    hf_audio.params_from_hf(state_dict, ckpt[1], prefix=hf_audio.TASK_MODEL_PREFIX)
+
+
+def test_converter_mask_emb_optional_without_specaugment(ckpt):
+  state_dict = dict(ckpt[0])
+  del state_dict["masked_spec_embed"]
+  config = {**ckpt[1], "mask_time_prob": 0.0, "mask_feature_prob": 0.0}
+  assert "mask_emb" not in hf_audio.params_from_hf(state_dict, config)
+
+
+@pytest.mark.parametrize(
+  "override, expected",
+  [
+    (dict(conv_bias=True), "conv_bias"),
+    (dict(hidden_act="gelu_new"), "hidden_act"),
+    (dict(layer_norm_eps=1e-12), "layer_norm_eps"),
+    (dict(conv_dim=[32] * 6 + [64]), "conv_dim"),
+    (dict(conv_stride=[5, 2, 2, 2, 2, 2, 1]), "conv_stride"),
+    (dict(add_adapter=True), "add_adapter"),
+    (dict(model_type="wav2vec2"), "model_type"),
+  ],
+)
+def test_config_rejects_unsupported_options(ckpt, override, expected):
+  with pytest.raises(hf_audio.ConversionError, match=expected):
+    hf_audio.config_from_hf({**ckpt[1], **override})
+
+
+# ----------------------------------------------------------------------------- live HF models
+
+
+def _torch_python():
+  """An interpreter with torch and transformers, or None (see the module docstring)."""
+  if os.environ.get("D2V_TORCH_PYTHON"):
+    return os.environ["D2V_TORCH_PYTHON"]
+  if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+    return sys.executable
+  venv = ROOT / ".venv-torch" / "bin" / "python"
+  return str(venv) if venv.exists() else None
+
+
+_WIDE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, conv_dim=[512] * 7)
+LIVE_CONFIGS = {
+  # Even pos-conv kernel (HF trims one frame, ours too), 3 pos-conv layers, 8 groups, 6 heads, no
+  # `masked_spec_embed` (mask probabilities 0), three waveforms including a 1000-sample one.
+  "even_kernel": (
+    dict(
+      hidden_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=6,
+      intermediate_size=160,
+      conv_dim=[48] * 7,
+      num_conv_pos_embeddings=3,
+      conv_pos_kernel_size=16,
+      num_conv_pos_embedding_groups=8,
+      mask_time_prob=0.0,
+      mask_feature_prob=0.0,
+    ),
+    "14000,6401,1000",
+    14000,
+  ),
+  "wide_2_layers": (dict(_WIDE, num_hidden_layers=2), "12000,7000", 12000),
+  # The base shape (12 x 768, CNN 512): ~30-40 s on 2 cores, half of it the torch subprocess.
+  "base": (dict(_WIDE, num_hidden_layers=12), "8000,5000", 8000),
+}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+  "name",
+  [
+    "even_kernel",
+    "wide_2_layers",
+    pytest.param("base", marks=pytest.mark.slow),
+  ],
+)
+def test_live_hf_parity(name, tmp_path):
+  python = _torch_python()
+  if python is None:
+    pytest.skip("no interpreter with torch + transformers (set D2V_TORCH_PYTHON or .venv-torch)")
+  overrides, lengths, num_samples = LIVE_CONFIGS[name]
+  out = tmp_path / f"{name}.npz"
+  cmd = [python, str(FIXTURE_SCRIPT), "--out", str(out), "--config", json.dumps(overrides)]
+  cmd += ["--lengths", lengths, "--num-samples", str(num_samples), "--seed", "3"]
+  proc = subprocess.run(
+    cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+
+  state_dict, hf_config, ref = load_reference(out)
+  model, _, params = hf_audio.build_from_hf(state_dict, hf_config)
+  assert_parity(run_ours(model, params, ref), ref)

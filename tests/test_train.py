@@ -1,0 +1,120 @@
+"""End-to-end tests of the pretraining loop: resume equivalence, NaN handling, kill and restart."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import audio as audio_config
+from d2v_jax import checkpoint, metrics, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(total_steps: int = 6):
+  """The smallest audio run that still exercises every part of the loop."""
+  config = audio_config.get_config("variant=tiny")
+  with config.unlocked():
+    config.model.update(num_layers=2, dim=32, num_heads=4, mlp_dim=64, conv_dim=16)
+    config.targets.top_k = 2
+    config.input.update(batch_size=8, crop_lengths=(4000, 8000), min_length=4000)
+    config.loop.update(total_steps=total_steps, log_every=1, checkpoint_every=3,
+                       keep_checkpoints=5, progress_bar=False)
+    config.probe.enabled = False
+  return config
+
+
+def restore_params(workdir, config, step):
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  model, tx, _ = train.setup(config)
+  init_key, _, _ = train.split_seed(config.seed)
+  import functools
+
+  from d2v_jax import state as state_lib
+
+  make_state = functools.partial(
+    state_lib.create_train_state, model, tx, init_key, *train.example_inputs(config),
+    tuple(config.ema.teacher_params),
+  )
+  return ckpt.restore(step, checkpoint.abstract_state(make_state))
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path):
+  config = tiny_config(total_steps=6)
+  train.train_and_evaluate(config, tmp_path / "straight")
+
+  interrupted = tmp_path / "interrupted"
+  train.train_and_evaluate(config, interrupted)
+  # Simulate a crash after the step-3 checkpoint: drop everything written after it.
+  for path in (interrupted / "checkpoints").iterdir():
+    if path.name == "6":
+      import shutil
+
+      shutil.rmtree(path)
+  train.train_and_evaluate(config, interrupted)
+
+  a = restore_params(tmp_path / "straight", config, 6)
+  b = restore_params(interrupted, config, 6)
+  assert int(a.step) == int(b.step) == 6
+  for x, y in zip(jax.tree.leaves((a.params, a.teacher)), jax.tree.leaves((b.params, b.teacher))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_divergence_stops_and_keeps_good_checkpoint(tmp_path):
+  config = tiny_config(total_steps=3)
+  train.train_and_evaluate(config, tmp_path)
+  with config.unlocked():
+    config.loop.total_steps = 9
+    config.optim.lr = 1e38  # the first update overflows the parameters
+  with pytest.raises(metrics.TrainingHealthError, match="Non-finite"):
+    train.train_and_evaluate(config, tmp_path)
+  assert checkpoint.Checkpointer(tmp_path, config).latest_step() == 3
+  state = restore_params(tmp_path, config, 3)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  config = tiny_config(total_steps=3)
+  train.train_and_evaluate(config, tmp_path)
+  other = tiny_config(total_steps=6)
+  with other.unlocked():
+    other.model.dim = 48
+  with pytest.raises(ValueError, match="model.dim: checkpoint has 32, config has 48"):
+    train.train_and_evaluate(other, tmp_path)
+
+
+def test_killed_run_resumes_from_saved_step(tmp_path):
+  """main.py killed after its first checkpoint restarts from that step and data position."""
+  args = [
+    sys.executable, "main.py", "--config=configs/audio.py", f"--workdir={tmp_path}",
+    "--config.model.variant=tiny", "--config.input.batch_size=8",
+    "--config.input.crop_lengths=(4000,8000)", "--config.loop.total_steps=40",
+    "--config.loop.checkpoint_every=2", "--config.loop.log_every=2",
+    "--config.loop.progress_bar=False", "--config.probe.enabled=False",
+  ]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  ckpts = tmp_path / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert 0 < saved < 40
+
+  args[args.index("--config.loop.total_steps=40")] = f"--config.loop.total_steps={saved + 2}"
+  result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resumed from step {saved}" in result.stderr
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert f'"step": {saved + 2}' in lines[-1]
