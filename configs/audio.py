@@ -13,7 +13,7 @@ import ml_collections
 
 from configs import common
 
-# Per variant: (train steps, global batch, crop lengths in samples, learning rate, EMA anneal steps).
+# Per variant: train steps, global batch, crop lengths (samples), learning rate, EMA anneal steps.
 _RECIPES = {
   # CPU run on the embedded set: ~10 minutes on 2 cores.
   "tiny": dict(steps=1500, batch=16, buckets=(16000, 24000, 32000), lr=1e-3, ema_steps=1000),
@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention_dropout=0.1,
       activation_dropout=0.0,
       layerdrop=0.05,
+      feature_grad_mult=1.0,  # gradient scale into the CNN front end (fairseq; 0 freezes it)
       dtype="float32",  # compute dtype; parameters stay float32
     )
   )
@@ -55,7 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       final_norm="none",  # after averaging: 'none' | 'layer' | 'instance'
     )
   )
-  config.loss = ml_collections.ConfigDict(dict(beta=0.0, scale=-1.0))  # beta 0 = L2; scale<0 = 1/sqrt(D)
+  # beta 0 = L2 (spec §1.3, speech); a negative scale means 1/sqrt(D).
+  config.loss = ml_collections.ConfigDict(dict(beta=0.0, scale=-1.0))
   config.ema = ml_collections.ConfigDict(
     dict(
       decay=0.999,
@@ -93,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path="",  # manifest .tsv, audio folder, or TFDS dataset name
       split="train",
       tfds_data_dir="",
+      tfds_feature="speech",  # the waveform feature of TFDS records (LibriSpeech: "speech")
       sample_rate=16000,
       batch_size=recipe["batch"],  # global batch, split across processes and devices
       crop_lengths=recipe["buckets"],  # fixed lengths (samples); one compilation each

@@ -43,8 +43,14 @@ def _differences(saved: dict, expected: dict, prefix: str = "") -> list[str]:
 
 
 # Fields that may differ between a checkpoint and the run that resumes it.
-_RESUMABLE_MODEL_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop",
-                           "dtype")
+_RESUMABLE_MODEL_FIELDS = (
+  "dropout",
+  "attention_dropout",
+  "activation_dropout",
+  "layerdrop",
+  "dtype",
+  "feature_grad_mult",
+)
 
 
 class Checkpointer:
@@ -112,6 +118,4 @@ def abstract_state(state_fn, *args, sharding=None):
   shapes = jax.eval_shape(state_fn, *args)
   if sharding is None:
     return shapes
-  return jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
-  )
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)

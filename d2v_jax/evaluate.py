@@ -79,9 +79,19 @@ def pooled_features(model, params, data: ProbeData, batch_size: int = 32) -> np.
   return np.concatenate(out)
 
 
-def fit_linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int, seed: int,
-                     l2: float = 1e-3, epochs: int = 200, batch_size: int = 32,
-                     lr: float = 1e-2) -> float:
+def fit_linear_probe(
+  train_x,
+  train_y,
+  test_x,
+  test_y,
+  *,
+  num_classes: int,
+  seed: int,
+  l2: float = 1e-3,
+  epochs: int = 200,
+  batch_size: int = 32,
+  lr: float = 1e-2,
+) -> float:
   """Softmax regression on standardised features; returns test accuracy."""
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
   train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
@@ -129,8 +139,13 @@ def probe_accuracy(model, params, probe_cfg, train: ProbeData, test: ProbeData) 
   accuracies = []
   for seed in probe_cfg.seeds:
     acc = fit_linear_probe(
-      train_x, train.labels, test_x, test.labels,
-      num_classes=len(train.class_names), seed=seed, l2=probe_cfg.l2,
+      train_x,
+      train.labels,
+      test_x,
+      test.labels,
+      num_classes=len(train.class_names),
+      seed=seed,
+      l2=probe_cfg.l2,
     )
     accuracies.append(acc)
   logging.info("probe accuracy per seed %s: mean %.4f", accuracies, np.mean(accuracies))

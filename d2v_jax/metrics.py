@@ -19,7 +19,7 @@ class MetricWriter:
   def __init__(self, workdir, enable_tensorboard: bool = True):
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+    self._jsonl = open(workdir / "metrics.jsonl", "a")  # closed in close()
     self._tb = None
     if enable_tensorboard:
       from tensorboardX import SummaryWriter
@@ -52,8 +52,9 @@ def format_line(step: int, scalars: dict) -> str:
 
 def check_health(step: int, scalars: dict, loop_cfg) -> None:
   """Raises TrainingHealthError on a non-finite loss or (after warm-up) collapsed targets."""
-  bad = [k for k in ("loss", "grad_norm", "param_norm")
-         if k in scalars and not math.isfinite(scalars[k])]
+  bad = [
+    k for k in ("loss", "grad_norm", "param_norm") if k in scalars and not math.isfinite(scalars[k])
+  ]
   if bad:
     raise TrainingHealthError(
       f"Non-finite {', '.join(bad)} at step {step}. The last good checkpoint is kept. "

@@ -14,8 +14,16 @@ import ml_collections
 import optax
 
 
-def tri_stage_schedule(peak: float, total_steps: int, *, warmup_frac: float, hold_frac: float,
-                       decay_frac: float, init_lr_scale: float, final_lr_scale: float):
+def tri_stage_schedule(
+  peak: float,
+  total_steps: int,
+  *,
+  warmup_frac: float,
+  hold_frac: float,
+  decay_frac: float,
+  init_lr_scale: float,
+  final_lr_scale: float,
+):
   """fairseq `tri_stage`: phases are fractions of `total_steps`; constant at the final LR after."""
   warmup = max(int(total_steps * warmup_frac), 1)
   hold = int(total_steps * hold_frac)
@@ -58,7 +66,9 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):
     )
   if optim_cfg.schedule == "constant":
     return optax.constant_schedule(optim_cfg.lr)
-  raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r}: use tri_stage, cosine or constant")
+  raise ValueError(
+    f"config.optim.schedule={optim_cfg.schedule!r}: use tri_stage, cosine or constant"
+  )
 
 
 def decay_mask(params, decay_1d: bool):

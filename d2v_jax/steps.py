@@ -34,6 +34,13 @@ def model_inputs(batch, modality: str):
   return inputs, padding
 
 
+def scale_gradient(x, scale: float):
+  """Identity forward; multiplies the gradient by `scale` (fairseq's `feature_grad_mult`)."""
+  if scale == 1.0:
+    return x
+  return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
+
+
 def draw_mask(rng, token_padding, config: ml_collections.ConfigDict):
   """The student's mask for `config.modality` (spec §1.2)."""
   if config.modality == "audio":
@@ -74,6 +81,7 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       tokens, token_padding = model.apply(
         variables, inputs, padding, train=True, rngs=rngs, method=model.embed
       )  # [B, T, D], [B, T]
+      tokens = scale_gradient(tokens, config.model.feature_grad_mult)
       mask = draw_mask(mask_rng, token_padding, config)
       y = jax.lax.stop_gradient(
         teacher_targets(state.teacher, jax.lax.stop_gradient(tokens), token_padding)
@@ -89,6 +97,9 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       return loss, {
         "target_var": losses.masked_std(y, weights),
         "pred_var": losses.masked_std(pred, weights),
+        # The front end can collapse while target_var looks healthy (instance norm rescales
+        # whatever variation is left): its output std shows it (fairseq issue 5239).
+        "feature_std": losses.masked_std(tokens, ~token_padding),
         "num_masked": num_masked,
       }
 
@@ -102,7 +113,10 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       anneal_steps=config.ema.anneal_steps,
     )
     new_teacher = teacher.ema_update(
-      state.teacher, params, decay, names=names,
+      state.teacher,
+      params,
+      decay,
+      names=names,
       copied=teacher.copy_mask(state.teacher, config.ema.copy_params),
     )
     metrics = {

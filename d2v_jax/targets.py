@@ -46,8 +46,15 @@ def _normalise(x, kind: str, padding_mask):
   raise ValueError(f"Unknown target normalisation {kind!r}; use 'instance', 'layer' or 'none'")
 
 
-def build_targets(layer_results, padding_mask, *, top_k: int, layer_output: str = "ffn",
-                  layer_norm_kind: str = "instance", final_norm: str = "none"):
+def build_targets(
+  layer_results,
+  padding_mask,
+  *,
+  top_k: int,
+  layer_output: str = "ffn",
+  layer_norm_kind: str = "instance",
+  final_norm: str = "none",
+):
   """Averages the normalised sublayer outputs of the top `top_k` blocks.
 
   Args:
@@ -62,8 +69,9 @@ def build_targets(layer_results, padding_mask, *, top_k: int, layer_output: str 
     float32[B, T, D] targets.
   """
   if not 1 <= top_k <= len(layer_results):
-    raise ValueError(f"targets.top_k={top_k} must be between 1 and the {len(layer_results)} "
-                     "blocks of the model")
+    raise ValueError(
+      f"targets.top_k={top_k} must be between 1 and the {len(layer_results)} blocks of the model"
+    )
   top = [r[layer_output] for r in layer_results[-top_k:]]
   y = sum(_normalise(t, layer_norm_kind, padding_mask) for t in top) / top_k
   return _normalise(y, final_norm, padding_mask)

@@ -31,8 +31,10 @@ def teacher_subtree(params, names: Sequence[str]):
   """The part of the student that the teacher mirrors, e.g. {"encoder": ...}."""
   missing = [n for n in names if n not in params]
   if missing:
-    raise ValueError(f"config.ema.teacher_params names {missing}, not in the model's top-level "
-                     f"parameters {sorted(params)}")
+    raise ValueError(
+      f"config.ema.teacher_params names {missing}, not in the model's top-level "
+      f"parameters {sorted(params)}"
+    )
   return {n: params[n] for n in names}
 
 
@@ -40,9 +42,7 @@ def copy_mask(teacher, patterns: Sequence[str]):
   """Pytree of bools like `teacher`: True where a leaf is copied from the student, not EMA'd."""
   regexes = [re.compile(p) for p in patterns]
   flat = traverse_util.flatten_dict(teacher, sep="/")
-  return traverse_util.unflatten_dict(
-    {k: any(r.search(k) for r in regexes) for k in flat}, sep="/"
-  )
+  return traverse_util.unflatten_dict({k: any(r.search(k) for r in regexes) for k in flat}, sep="/")
 
 
 def init_teacher(params, names: Sequence[str]):

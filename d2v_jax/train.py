@@ -68,8 +68,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.input.batch_size, mesh)
-  logging.info("Devices: %d (%s), processes: %d", jax.device_count(),
-               jax.devices()[0].platform, jax.process_count())
+  logging.info(
+    "Devices: %d (%s), processes: %d",
+    jax.device_count(),
+    jax.devices()[0].platform,
+    jax.process_count(),
+  )
   if jax.process_index() == 0:
     write_config(workdir, config)
 
@@ -81,15 +85,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated = sharding.replicated(mesh)
   inputs, padding = example_inputs(config)
   make_state = functools.partial(
-    state_lib.create_train_state, model, tx, init_key, inputs, padding,
+    state_lib.create_train_state,
+    model,
+    tx,
+    init_key,
+    inputs,
+    padding,
     tuple(config.ema.teacher_params),
   )
   ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is None:
     state = jax.jit(make_state, out_shardings=replicated)()
-    logging.info("Fresh start: %s parameters",
-                 f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+    logging.info(
+      "Fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}"
+    )
   else:
     abstract = checkpoint.abstract_state(make_state, sharding=replicated)
     state = ckpt.restore(latest, abstract, data_iter)
@@ -110,8 +120,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loop = config.loop
   throughput_name, unit = _THROUGHPUT[config.modality]
   first_step = int(state.step)
-  progress = tqdm(total=loop.total_steps, initial=first_step, disable=not loop.progress_bar,
-                  unit="step", dynamic_ncols=True)
+  progress = tqdm(
+    total=loop.total_steps,
+    initial=first_step,
+    disable=not loop.progress_bar,
+    unit="step",
+    dynamic_ncols=True,
+  )
 
   pending, last, data_wait = [], {}, 0.0
   window_start = time.perf_counter()
@@ -127,13 +142,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.update(1)
       is_ckpt = step % loop.checkpoint_every == 0 or step == loop.total_steps
       if step % loop.log_every == 0 or is_ckpt:
-        last = _summarise(jax.device_get(pending), window_start, data_wait, throughput_name,
-                          unit(config))
+        last = _summarise(
+          jax.device_get(pending), window_start, data_wait, throughput_name, unit(config)
+        )
         metrics.check_health(step, last, loop)
         pending, data_wait, window_start = [], 0.0, time.perf_counter()
         if config.probe.enabled and config.probe.every and step % config.probe.every == 0:
-          last["probe_acc"] = float(np.mean(
-            evaluate_lib.probe_accuracy(model, state.params, config.probe, *probe_sets)))
+          last["probe_acc"] = float(
+            np.mean(evaluate_lib.probe_accuracy(model, state.params, config.probe, *probe_sets))
+          )
         if writer:
           writer.write(step, last)
         logging.info(metrics.format_line(step, last))
@@ -164,17 +181,25 @@ def probe_report(model, initial_params, params, probe_cfg, probe_sets) -> dict:
     "random_mean": float(np.mean(random_acc)),
     "pretrained_mean": float(np.mean(trained_acc)),
   }
-  logging.info("Probe: random init %.2f%%, pretrained %.2f%% (mean over seeds %s)",
-               100 * result["random_mean"], 100 * result["pretrained_mean"], result["seeds"])
+  logging.info(
+    "Probe: random init %.2f%%, pretrained %.2f%% (mean over seeds %s)",
+    100 * result["random_mean"],
+    100 * result["pretrained_mean"],
+    result["seeds"],
+  )
   return result
 
 
-def _summarise(window: list[dict], start: float, data_wait: float, throughput_name: str,
-               unit: float) -> dict:
+def _summarise(
+  window: list[dict], start: float, data_wait: float, throughput_name: str, unit: float
+) -> dict:
   """Averages a window of per-step metrics and adds rates."""
   elapsed = max(time.perf_counter() - start, 1e-9)
-  summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]
-             if k not in ("valid_inputs", "num_masked")}
+  summary = {
+    k: float(np.mean([m[k] for m in window]))
+    for k in window[0]
+    if k not in ("valid_inputs", "num_masked")
+  }
   summary["steps_per_sec"] = len(window) / elapsed
   summary[throughput_name] = float(sum(m["valid_inputs"] for m in window)) / unit / elapsed
   summary["data_wait_frac"] = data_wait / elapsed
@@ -191,13 +216,22 @@ def probe_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_key, _, _ = split_seed(config.seed)
   model, tx, _ = setup(config)
   make_state = functools.partial(
-    state_lib.create_train_state, model, tx, init_key, *example_inputs(config),
+    state_lib.create_train_state,
+    model,
+    tx,
+    init_key,
+    *example_inputs(config),
     tuple(config.ema.teacher_params),
   )
   state = ckpt.restore(latest, checkpoint.abstract_state(make_state))
   initial = jax.jit(make_state)()
-  result = probe_report(model, initial.params, state.params, config.probe,
-                        evaluate_lib.load_probe_sets(config.input.sample_rate))
+  result = probe_report(
+    model,
+    initial.params,
+    state.params,
+    config.probe,
+    evaluate_lib.load_probe_sets(config.input.sample_rate),
+  )
   result["step"] = latest
   (workdir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
   return result

@@ -70,6 +70,7 @@ def _input_cfg(path, **overrides) -> ml_collections.ConfigDict:
     path=str(path),
     split="train",
     tfds_data_dir="",
+    tfds_feature="audio",
     sample_rate=RATE,
     batch_size=BATCH,
     crop_lengths=CROPS,

@@ -24,8 +24,13 @@ def tiny_config(total_steps: int = 6):
     config.model.update(num_layers=2, dim=32, num_heads=4, mlp_dim=64, conv_dim=16)
     config.targets.top_k = 2
     config.input.update(batch_size=8, crop_lengths=(4000, 8000), min_length=4000)
-    config.loop.update(total_steps=total_steps, log_every=1, checkpoint_every=3,
-                       keep_checkpoints=5, progress_bar=False)
+    config.loop.update(
+      total_steps=total_steps,
+      log_every=1,
+      checkpoint_every=3,
+      keep_checkpoints=5,
+      progress_bar=False,
+    )
     config.probe.enabled = False
   return config
 
@@ -39,7 +44,11 @@ def restore_params(workdir, config, step):
   from d2v_jax import state as state_lib
 
   make_state = functools.partial(
-    state_lib.create_train_state, model, tx, init_key, *train.example_inputs(config),
+    state_lib.create_train_state,
+    model,
+    tx,
+    init_key,
+    *train.example_inputs(config),
     tuple(config.ema.teacher_params),
   )
   return ckpt.restore(step, checkpoint.abstract_state(make_state))
@@ -92,15 +101,23 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 def test_killed_run_resumes_from_saved_step(tmp_path):
   """main.py killed after its first checkpoint restarts from that step and data position."""
   args = [
-    sys.executable, "main.py", "--config=configs/audio.py", f"--workdir={tmp_path}",
-    "--config.model.variant=tiny", "--config.input.batch_size=8",
-    "--config.input.crop_lengths=(4000,8000)", "--config.loop.total_steps=40",
-    "--config.loop.checkpoint_every=2", "--config.loop.log_every=2",
-    "--config.loop.progress_bar=False", "--config.probe.enabled=False",
+    sys.executable,
+    "main.py",
+    "--config=configs/audio.py",
+    f"--workdir={tmp_path}",
+    "--config.model.variant=tiny",
+    "--config.input.batch_size=8",
+    "--config.input.crop_lengths=(4000,8000)",
+    "--config.loop.total_steps=40",
+    "--config.loop.checkpoint_every=2",
+    "--config.loop.log_every=2",
+    "--config.loop.progress_bar=False",
+    "--config.probe.enabled=False",
   ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   ckpts = tmp_path / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:

@@ -275,7 +275,7 @@ def folder_source(folder: str | Path, sample_rate: int) -> AudioFileSource:
 
 
 class TfdsAudioSource:
-  """A TFDS dataset prepared as ArrayRecord, records holding an audio array (LibriSpeech: "audio").
+  """A TFDS dataset prepared as ArrayRecord, records holding an audio array (LibriSpeech: "speech").
 
   ArrayRecord gives random access without TensorFlow, but record lengths are not stored apart
   from the audio: construction reads every record once to measure it (progress is logged). That
@@ -361,8 +361,9 @@ def _require_records(source: AudioSource) -> None:
 def make_source(input_cfg) -> AudioSource:
   """Builds the source that `config.input` names.
 
-  Reads the fields `source`, `path`, `split`, `sample_rate` and `tfds_data_dir`. For `embedded`,
-  a non-empty `path` is another directory holding an index.tsv (default: `data/speech`).
+  Reads the fields `source`, `path`, `split`, `sample_rate`, `tfds_data_dir` and `tfds_feature`.
+  For `embedded`, a non-empty `path` is another directory holding an index.tsv (default:
+  `data/speech`).
   """
   kind, path, rate = input_cfg.source, input_cfg.path, input_cfg.sample_rate
   if kind == "embedded":
@@ -374,5 +375,11 @@ def make_source(input_cfg) -> AudioSource:
   if kind == "folder":
     return folder_source(path, rate)
   if kind == "tfds":
-    return TfdsAudioSource(path, input_cfg.split, rate, data_dir=input_cfg.tfds_data_dir or None)
+    return TfdsAudioSource(
+      path,
+      input_cfg.split,
+      rate,
+      data_dir=input_cfg.tfds_data_dir or None,
+      feature=input_cfg.tfds_feature,
+    )
   raise ValueError(f"Unknown config.input.source {kind!r}: embedded | manifest | folder | tfds")

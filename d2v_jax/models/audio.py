@@ -84,11 +84,13 @@ class AudioFrontend(nn.Module):
   @nn.compact
   def __call__(self, audio, padding_mask, *, train: bool):
     del train  # no dropout here: data2vec's feature-projection dropout is 0
-    features = FeatureExtractor(self.conv_dim, conv_bias=self.conv_bias, dtype=self.dtype,
-                                name="feature_extractor")(audio)
+    features = FeatureExtractor(
+      self.conv_dim, conv_bias=self.conv_bias, dtype=self.dtype, name="feature_extractor"
+    )(audio)
     features = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="feature_norm")(features)
-    x = nn.Dense(self.dim, kernel_init=torch_default_init, dtype=self.dtype,
-                 name="projection")(features)  # [B, T', D]
+    x = nn.Dense(self.dim, kernel_init=torch_default_init, dtype=self.dtype, name="projection")(
+      features
+    )  # [B, T', D]
     return x, frame_padding_mask(padding_mask)
 
 
@@ -143,7 +145,10 @@ class AudioEncoder(nn.Module):
   def __call__(self, x, padding_mask, *, train: bool):
     x = jnp.where(padding_mask[..., None], 0, x)  # padded frames must not leak into the pos conv
     x = x + ConvPositionalEncoding(
-      self.pos_conv_depth, self.pos_conv_kernel, self.pos_conv_groups, dtype=self.dtype,
+      self.pos_conv_depth,
+      self.pos_conv_kernel,
+      self.pos_conv_groups,
+      dtype=self.dtype,
       name="pos_conv",
     )(x)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="layer_norm")(x)

@@ -20,7 +20,9 @@ gelu = lambda x: nn.gelu(x, approximate=False)  # noqa: E731
 # fairseq's init_bert_params: every Linear in the transformer is N(0, 0.02) with zero bias.
 bert_init = nn.initializers.normal(0.02)
 
-_NEG_INF = -1e9  # additive attention bias for padded keys; finite so fully-padded rows stay NaN-free
+_NEG_INF = (
+  -1e9
+)  # additive attention bias for padded keys; finite so fully-padded rows stay NaN-free
 
 
 class MultiHeadAttention(nn.Module):
@@ -47,9 +49,9 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
-    return nn.DenseGeneral(
-      dim, axis=(-2, -1), kernel_init=bert_init, dtype=self.dtype, name="out"
-    )(out)
+    return nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=bert_init, dtype=self.dtype, name="out")(
+      out
+    )
 
 
 class PostLNBlock(nn.Module):
@@ -74,8 +76,12 @@ class PostLNBlock(nn.Module):
       self.num_heads, self.attention_dropout, dtype=self.dtype, name="attention"
     )(x, padding_mask, train=train)
     x = norm("attention_norm")(x + drop(self.dropout, attn))
-    h = gelu(nn.Dense(self.mlp_dim, kernel_init=bert_init, dtype=self.dtype, name="fc1")(x))  # [B, T, F]
-    ffn = nn.Dense(dim, kernel_init=bert_init, dtype=self.dtype, name="fc2")(drop(self.activation_dropout, h))
+    h = gelu(
+      nn.Dense(self.mlp_dim, kernel_init=bert_init, dtype=self.dtype, name="fc1")(x)
+    )  # [B, T, F]
+    ffn = nn.Dense(dim, kernel_init=bert_init, dtype=self.dtype, name="fc2")(
+      drop(self.activation_dropout, h)
+    )
     x = norm("final_norm")(x + drop(self.dropout, ffn))
     return x, {"ffn": ffn, "block": x}
 
