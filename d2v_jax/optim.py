@@ -72,8 +72,15 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):
 
 
 def decay_mask(params, decay_1d: bool):
-  """Weight decay on every leaf, or (decay_1d=False) only on leaves with 2+ dimensions."""
-  return jax.tree.map(lambda p: decay_1d or p.ndim > 1, params)
+  """Weight decay on every leaf, or (decay_1d=False) only on weight matrices and kernels.
+
+  Biases are excluded by name as well as by rank: attention q/k/v biases are [heads, head_dim].
+  """
+
+  def decays(path, p):
+    return decay_1d or (p.ndim > 1 and getattr(path[-1], "key", None) != "bias")
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int):

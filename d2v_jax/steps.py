@@ -123,8 +123,8 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       "loss": loss,
       "ema_decay": decay,
       "lr": schedule(state.step),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),  # after the update: a checkpoint must be finite
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),  # after the update: a checkpoint must be finite
       "valid_inputs": jnp.sum(~padding),  # samples (audio) or tokens (text) actually seen
       **aux,
     }

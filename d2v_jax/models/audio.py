@@ -4,12 +4,15 @@
   followed by a LayerNorm over channels and GELU: 16 kHz -> 50 Hz, receptive field 400 samples.
 - `AudioFrontend`: feature extractor -> LayerNorm -> Linear to the model width. Its output is what
   the student masks and what the teacher encodes unmasked (the CNN and projection are shared).
-- `AudioEncoder`: zero the padded frames, add a 5-layer grouped convolutional positional encoding,
-  LayerNorm, dropout, then the post-LN transformer stack.
+- `AudioEncoder`: add a 5-layer grouped convolutional positional encoding (padded frames zeroed
+  before each layer), LayerNorm, dropout, then the post-LN transformer stack.
 
 Padding is carried exactly: frame t is valid iff it lies inside `output_lengths(valid_samples)`,
 and the receptive field of every valid frame lies inside the valid samples, so padded and unpadded
-inputs give the same features at valid frames.
+inputs give the same features at valid frames. The positional convolution zeroes padded frames
+before every layer, so padding cannot leak through its stacked receptive fields either; this
+equals fairseq and HF exactly on unpadded input, and differs from them (by fixing HF#25621)
+only where they let padding change valid frames.
 """
 
 from collections.abc import Sequence
@@ -103,10 +106,15 @@ class ConvPositionalEncoding(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, padding_mask=None):
     dim = x.shape[-1]
     k = self.kernel_size
     for j in range(self.depth):
+      if padding_mask is not None:
+        # Padded frames must read as zeros at every layer, as the edge of an unpadded clip does;
+        # zeroing only the input (fairseq, HF) lets layer j's output at padded frames leak into
+        # valid frames from layer j + 1 on: up to 5 × 9 frames deep (HF issue 25621).
+        x = jnp.where(padding_mask[..., None], 0, x)
       x = nn.Conv(
         dim,
         (k,),
@@ -143,14 +151,14 @@ class AudioEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, padding_mask, *, train: bool):
-    x = jnp.where(padding_mask[..., None], 0, x)  # padded frames must not leak into the pos conv
+    x = jnp.where(padding_mask[..., None], 0, x)
     x = x + ConvPositionalEncoding(
       self.pos_conv_depth,
       self.pos_conv_kernel,
       self.pos_conv_groups,
       dtype=self.dtype,
       name="pos_conv",
-    )(x)
+    )(x, padding_mask)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="layer_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     encoder_input = x

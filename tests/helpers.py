@@ -1,0 +1,150 @@
+"""Shared tiny setups for the core tests.
+
+XLA compilation dominates on CPU (the feature extractor's truncated-normal init alone compiles for
+~15 s), so the model, its parameters and the jitted train step are built once per session and
+shared by every test module through `functools.cache`. Helper computations that are not the
+train step itself compile with LLVM optimisations off (`fast_jit`): several times faster to
+compile, same results up to float rounding.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import audio as audio_config
+from d2v_jax import optim, sharding, steps, teacher
+from d2v_jax.models.data2vec import build_model
+from d2v_jax.state import TrainState
+
+# 2 layers, width 32, 4 heads, conv width 16; pos-conv groups stay 16 (32 % 16 == 0).
+TINY_SIZES = dict(num_layers=2, dim=32, num_heads=4, mlp_dim=64, conv_dim=16)
+INIT_LENGTH = 400  # one frame: the cheapest input that runs every layer
+STEP_LENGTH = 16000  # 49 frames
+STEP_VALID = (16000, 12000, 9000, 16000)  # valid samples per row of the step batch (37, 27 frames)
+STEP_TOTAL = 60  # schedule length of the step config
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fn, **kwargs):
+  """`jax.jit` with cheap CPU code generation, for test-side computations."""
+  return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  """The audio config with the tiny sizes above (size fields override the variant's)."""
+  config = audio_config.get_config()
+  config.model.unlock()
+  config.model.update(TINY_SIZES)
+  config.targets.top_k = 2
+  return config
+
+
+def step_config() -> ml_collections.ConfigDict:
+  """`tiny_config` tuned so that a fixed batch is clearly fitted within ~40 steps."""
+  config = tiny_config()
+  config.loop.total_steps = STEP_TOTAL
+  config.input.batch_size = len(STEP_VALID)
+  config.input.crop_lengths = (STEP_LENGTH,)
+  config.optim.lr = 5e-3
+  # A faster EMA than the paper's, so the teacher visibly moves; still annealed over the run.
+  config.ema.decay = 0.99
+  config.ema.end_decay = 0.999
+  config.ema.anneal_steps = 40
+  return config
+
+
+@functools.cache
+def tiny_model():
+  return build_model("audio", tiny_config().model)
+
+
+@functools.cache
+def tiny_params():
+  """Parameters of `tiny_model()` from its real initialisers (key 0)."""
+  model = tiny_model()
+  x = jnp.zeros((1, INIT_LENGTH), jnp.float32)
+  pad = jnp.zeros((1, INIT_LENGTH), bool)
+  params = fast_jit(lambda: model.init({"params": jax.random.key(0)}, x, pad, train=False))()
+  return params["params"]
+
+
+def speech_like(rng: np.random.Generator, valid_lengths, total: int):
+  """Harmonic tones plus noise, normalised per row over valid samples, zero in the padding.
+
+  Returns (audio float32[B, total], padding_mask bool[B, total]).
+  """
+  t = np.arange(total) / 16000.0
+  audio = np.zeros((len(valid_lengths), total), np.float32)
+  for i, n in enumerate(valid_lengths):
+    f0 = rng.uniform(100, 300)
+    wave = sum(np.sin(2 * np.pi * f0 * h * t[:n] + rng.uniform(0, 6)) / h for h in range(1, 6))
+    wave = wave * (1 + 0.5 * np.sin(2 * np.pi * 3 * t[:n])) + 0.1 * rng.standard_normal(n)
+    audio[i, :n] = (wave - wave.mean()) / wave.std()
+  padding = np.arange(total)[None, :] >= np.asarray(valid_lengths)[:, None]
+  return audio, padding
+
+
+@functools.cache
+def step_batch():
+  audio, padding = speech_like(np.random.default_rng(0), STEP_VALID, STEP_LENGTH)
+  return {"audio": audio, "padding_mask": padding}
+
+
+class TrainSetup:
+  """Model, optimiser, initial state and a jitted step on a mesh, as `d2v_jax/train.py` builds."""
+
+  def __init__(self, devices):
+    self.config = step_config()
+    self.model = tiny_model()
+    self.tx, self.schedule = optim.make_optimizer(self.config.optim, self.config.loop.total_steps)
+    self.mesh = sharding.make_mesh(devices)
+    self.replicated = sharding.replicated(self.mesh)
+    params = tiny_params()
+    state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      teacher=teacher.init_teacher(params, tuple(self.config.ema.teacher_params)),
+      opt_state=self.tx.init(params),
+    )
+    self.state0 = jax.device_put(state, self.replicated)
+    self.loop_key = jax.device_put(jax.random.key(1), self.replicated)
+    self.num_traces = 0
+    step_fn = steps.make_pretrain_step(self.model, self.tx, self.schedule, self.config)
+
+    def counted(state, batch, loop_key):
+      self.num_traces += 1  # runs once per trace, never at execution
+      return step_fn(state, batch, loop_key)
+
+    self.step = jax.jit(
+      counted,
+      in_shardings=(self.replicated, sharding.batch_sharded(self.mesh), self.replicated),
+      out_shardings=(self.replicated, self.replicated),
+    )
+
+  def put(self, batch):
+    return sharding.put_batch(batch, self.mesh)
+
+  def run(self, batch, num_steps: int, state=None):
+    """Runs `num_steps` steps on one fixed batch; returns (state, list of metrics on host)."""
+    state = self.state0 if state is None else state
+    batch = self.put(batch)
+    history = []
+    for _ in range(num_steps):
+      state, metrics = self.step(state, batch, self.loop_key)
+      history.append(jax.device_get(metrics))
+    return state, history
+
+
+@functools.cache
+def train_setup(num_devices: int = 4) -> TrainSetup:
+  return TrainSetup(jax.devices()[:num_devices])
+
+
+def flat(tree):
+  """{'a/b/c': np.ndarray} of a parameter pytree."""
+  from flax import traverse_util
+
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
