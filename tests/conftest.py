@@ -11,7 +11,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import flags  # noqa: E402
+from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 
