@@ -8,6 +8,12 @@ Three kinds of test:
   output before the residual (the data2vec regression targets) and a run with `mask_time_indices`
   (which exercises `masked_spec_embed` -> `mask_emb`). Negative controls check that the comparison
   notices a swapped or permuted weight.
+- Padded rows: our positional convolution zeroes padded frames before every layer, HF's (like
+  fairseq's) only before the first, so HF's padded rows differ from the same clips unpadded (HF
+  issue 25621) and ours do not. The reference for a padded row is therefore HF run on that row's
+  valid samples alone (see the fixture script); a row without padding keeps HF's batched output.
+  `test_fixture_documents_hf_padding_leak` checks, on HF's stored padded run, that HF itself moves
+  by far more than TOL there while we stay within TOL of the unpadded run.
 - Converter error tests: unknown, missing and mis-shaped keys and unsupported configs raise
   errors that name them.
 - Live tests (`@pytest.mark.torch`): fresh random HF models of other shapes (even pos-conv kernel,
@@ -36,6 +42,11 @@ import pytest
 from d2v_jax.convert import hf_audio
 
 TOL = 1e-4  # max abs difference, fp32, at valid frames
+# HF's padded run must differ from its unpadded run by more than this at valid frames of padded
+# rows, from the positional convolution on (measured on the fixture: 0.35 to 2.6).
+HF_LEAK_MIN = 1e-3
+# Tensors computed before the positional convolution, where padding cannot leak in HF either.
+BEFORE_POS_CONV = ("out/cnn", "out/extract_features", "out/projected")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE = FIXTURES / "hf_audio_small.npz"
@@ -100,10 +111,27 @@ def run_ours(model, params, ref):
   return ours
 
 
-def max_abs_diffs(ours, ref):
-  """{tensor name: max abs difference at valid frames} over every float tensor HF stored."""
-  valid = ref["out/frame_mask"]
-  names = [k for k in ref if k.startswith(("out/", "masked/")) and k != "out/frame_mask"]
+def reference_names(ref):
+  """Names of the reference tensors: everything under `out/` and `masked/` but the frame mask."""
+  return [k for k in ref if k.startswith(("out/", "masked/")) and k != "out/frame_mask"]
+
+
+def cropped_rows(ref):
+  """Rows with padding, whose reference is HF's run on the valid samples alone."""
+  lengths = ref["input/attention_mask"].sum(1)
+  return [int(b) for b in np.flatnonzero(lengths < ref["input/values"].shape[1])]
+
+
+def max_abs_diffs(ours, ref, rows=None):
+  """{tensor name: max abs difference at valid frames} over every float tensor HF stored.
+
+  The reference is NaN at the padded frames of cropped rows, so any comparison that strayed
+  outside the valid frames would report NaN and fail. `rows` restricts it to those batch rows.
+  """
+  valid = ref["out/frame_mask"].copy()
+  if rows is not None:
+    valid[np.setdiff1d(np.arange(len(valid)), rows)] = False
+  names = reference_names(ref)
   missing = sorted(set(names) - set(ours))
   assert not missing, f"our model produced no counterpart for {missing}"
   shapes = {k: (ours[k].shape, ref[k].shape) for k in names if ours[k].shape != ref[k].shape}
@@ -121,6 +149,28 @@ def assert_parity(ours, ref):
   bad = {k: v for k, v in diffs.items() if not v <= TOL}  # `not <=` also catches NaN
   assert not bad, f"max abs diff > {TOL} for {sorted(bad)}; all diffs:\n{report}"
   return diffs
+
+
+def check_reference_layout(ref):
+  """The fixture script's reference: NaN exactly at the padded frames of cropped rows, finite at
+  valid frames, and HF's batched output on rows without padding."""
+  valid = ref["out/frame_mask"]
+  rows = cropped_rows(ref)
+  for k in reference_names(ref):
+    finite = np.isfinite(ref[k]).all(-1)
+    assert finite[valid].all(), f"{k}: non-finite reference at valid frames"
+    for b in range(len(valid)):
+      if b in rows:
+        assert np.isnan(ref[k][b][~valid[b]]).all(), f"{k}: row {b} padded frames not NaN"
+      else:
+        np.testing.assert_array_equal(ref[k][b], ref[f"hf_padded/{k}"][b], err_msg=k)
+
+
+def hf_padded_diffs(ref):
+  """{tensor name: max abs difference of HF's padded run from its unpadded run} over the valid
+  frames of the cropped rows."""
+  padded = {k: ref[f"hf_padded/{k}"] for k in reference_names(ref)}
+  return max_abs_diffs(padded, ref, rows=cropped_rows(ref))
 
 
 # ----------------------------------------------------------------------------- fixture tests
@@ -155,6 +205,9 @@ def test_fixture_has_padding_and_masking(small):
   assert ref["input/attention_mask"].sum(1).tolist() == [12000, 9000]
   assert ref["out/frame_mask"].sum(1).tolist() == [37, 27]
   assert "masked/hidden_states/0" in ref and ref["input/mask_time_indices"].any()
+  assert cropped_rows(ref) == [1]
+  assert all(f"hf_padded/{k}" in ref for k in reference_names(ref))
+  check_reference_layout(ref)
   versions = json.loads(str(ref["meta/versions"]))
   assert set(versions) == {"torch", "transformers"}
 
@@ -163,6 +216,33 @@ def test_fixture_parity(small):
   ours = run_ours(small["model"], small["params"], small["ref"])
   diffs = assert_parity(ours, small["ref"])
   assert len(diffs) == 4 + 2 * 3 + 4  # cnn, features, projected, h0; ffn+block x 3; masked h0..h3
+
+
+def test_fixture_documents_hf_padding_leak(small):
+  """Why the padded row's reference is HF's unpadded run: HF's own padded run differs from it.
+
+  HF zeroes padded frames only before the first pos-conv layer, so from the positional encoding
+  on its padded row moves by far more than TOL (issue 25621); before it, padding changes nothing.
+  Ours stays within TOL of the unpadded run on that row, and so is far from HF's padded output.
+  """
+  ref, rows = small["ref"], cropped_rows(small["ref"])
+  hf = hf_padded_diffs(ref)
+  ours = run_ours(small["model"], small["params"], ref)
+  ours_vs_unpadded = max_abs_diffs(ours, ref, rows=rows)
+  hf_padded = {k: ref[f"hf_padded/{k}"] for k in reference_names(ref)}
+  ours_vs_hf_padded = max_abs_diffs(ours, {**ref, **hf_padded}, rows=rows)
+  report = "\n".join(
+    f"  {k}: HF padded {hf[k]:.3g}, ours {ours_vs_unpadded[k]:.3g}, "
+    f"ours vs HF padded {ours_vs_hf_padded[k]:.3g}"
+    for k in sorted(hf)
+  )
+  for k in hf:
+    assert ours_vs_unpadded[k] <= TOL, f"{k}: ours is not the unpadded run\n{report}"
+    if k in BEFORE_POS_CONV:
+      assert hf[k] <= TOL, f"{k}: HF's padding changed features before pos-conv\n{report}"
+    else:
+      assert hf[k] > HF_LEAK_MIN, f"{k}: HF's padded run no longer leaks\n{report}"
+      assert ours_vs_hf_padded[k] > HF_LEAK_MIN, f"{k}\n{report}"
 
 
 def _perturb(state_dict, name):
@@ -371,5 +451,11 @@ def test_live_hf_parity(name, tmp_path):
   assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
 
   state_dict, hf_config, ref = load_reference(out)
+  assert cropped_rows(ref), "the live inputs must include a padded row"
+  check_reference_layout(ref)
+  # HF's padding leak is documented on the fixture only: here HF's padded run merely must not
+  # change anything before the positional convolution.
+  leak = hf_padded_diffs(ref)
+  assert all(leak[k] <= TOL for k in BEFORE_POS_CONV), leak
   model, _, params = hf_audio.build_from_hf(state_dict, hf_config)
   assert_parity(run_ours(model, params, ref), ref)
