@@ -52,10 +52,23 @@ def example_inputs(config):
 
 
 def setup(config: ml_collections.ConfigDict):
-  """Builds the model and the optimiser with its schedule."""
+  """Builds the model, the optimiser with its schedule, and `make_state()`.
+
+  `make_state()` initialises the train state from `config.seed`; it is what a fresh run jits,
+  what `jax.eval_shape` turns into a restore target, and the probe's random-init baseline.
+  """
   model = build_model(config.modality, config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.loop.total_steps)
-  return model, tx, schedule
+  init_key, _, _ = split_seed(config.seed)
+  make_state = functools.partial(
+    state_lib.create_train_state,
+    model,
+    tx,
+    init_key,
+    *example_inputs(config),
+    tuple(config.ema.teacher_params),
+  )
+  return model, tx, schedule, make_state
 
 
 def write_config(workdir: pathlib.Path, config) -> None:
@@ -77,22 +90,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     write_config(workdir, config)
 
-  init_key, data_seed, loop_key = split_seed(config.seed)
-  model, tx, schedule = setup(config)
+  _, data_seed, loop_key = split_seed(config.seed)
+  model, tx, schedule, make_state = setup(config)
   dataset = make_dataset(config, data_seed)
   data_iter = iter(dataset)
 
   replicated = sharding.replicated(mesh)
-  inputs, padding = example_inputs(config)
-  make_state = functools.partial(
-    state_lib.create_train_state,
-    model,
-    tx,
-    init_key,
-    inputs,
-    padding,
-    tuple(config.ema.teacher_params),
-  )
   ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is None:
@@ -213,16 +216,7 @@ def probe_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   latest = ckpt.latest_step()
   if latest is None:
     raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: pretrain first (mode=pretrain)")
-  init_key, _, _ = split_seed(config.seed)
-  model, tx, _ = setup(config)
-  make_state = functools.partial(
-    state_lib.create_train_state,
-    model,
-    tx,
-    init_key,
-    *example_inputs(config),
-    tuple(config.ema.teacher_params),
-  )
+  model, _, _, make_state = setup(config)
   state = ckpt.restore(latest, checkpoint.abstract_state(make_state))
   initial = jax.jit(make_state)()
   result = probe_report(
