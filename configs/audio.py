@@ -13,16 +13,43 @@ import ml_collections
 
 from configs import common
 
-# Per variant: train steps, global batch, crop lengths (samples), learning rate, EMA anneal steps.
+# Per variant: train steps, global batch, crop lengths (samples), learning rate, EMA anneal steps,
+# tri-stage fractions (warm-up, hold, decay) and the mask span length (frames).
+_PAPER_STAGES = (0.03, 0.9, 0.07)  # spec §1.5
 _RECIPES = {
-  # CPU run on the embedded set: ~10 minutes on 2 cores.
-  "tiny": dict(steps=1500, batch=16, buckets=(16000, 24000, 32000), lr=1e-3, ema_steps=1000),
+  # CPU run on the embedded set: ~7 minutes on 2 cores, compilation and probes included.
+  # Many cheap updates (batch 8 of 0.5 s / 1 s crops) instead of few long ones; a 10% warm-up,
+  # the peak held for 40% and a long 50% decay (the probe gains most while the LR decays); the
+  # teacher's EMA anneals 0.999 -> 0.9999 over the whole run; spans of 5 frames (100 ms) suit
+  # 25-50 frame crops. With the tiny variant's one-layer positional conv (models/variants.py)
+  # the probe goes from 13% (random init) to 31% (seed 0; 15% -> 33% with seed 1).
+  "tiny": dict(
+    steps=2000,
+    batch=8,
+    buckets=(8000, 16000),
+    lr=5e-4,
+    ema_steps=2000,
+    stages=(0.1, 0.4, 0.5),
+    mask_length=5,
+  ),
   # spec §1.5: 400k updates, 5e-4 tri-stage, EMA 0.999 -> 0.9999 over 30k updates.
   "base": dict(
-    steps=400_000, batch=64, buckets=(32000, 96000, 160000, 250000), lr=5e-4, ema_steps=30_000
+    steps=400_000,
+    batch=64,
+    buckets=(32000, 96000, 160000, 250000),
+    lr=5e-4,
+    ema_steps=30_000,
+    stages=_PAPER_STAGES,
+    mask_length=10,
   ),
   "large": dict(
-    steps=400_000, batch=64, buckets=(32000, 96000, 160000, 250000), lr=3e-4, ema_steps=30_000
+    steps=400_000,
+    batch=64,
+    buckets=(32000, 96000, 160000, 250000),
+    lr=3e-4,
+    ema_steps=30_000,
+    stages=_PAPER_STAGES,
+    mask_length=10,
   ),
 }
 
@@ -47,7 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype="float32",  # compute dtype; parameters stay float32
     )
   )
-  config.masking = ml_collections.ConfigDict(dict(prob=0.65, length=10, min_masks=1))
+  config.masking = ml_collections.ConfigDict(
+    dict(prob=0.65, length=recipe["mask_length"], min_masks=1)
+  )
   config.targets = ml_collections.ConfigDict(
     dict(
       top_k=8 if arg.variant != "tiny" else 3,
@@ -80,9 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       decay_1d=True,  # fairseq's Adam decays every parameter, biases and norms included
       clip_norm=0.0,  # 0 = no clipping (fairseq's default for speech)
       schedule="tri_stage",
-      warmup_frac=0.03,
-      hold_frac=0.9,
-      decay_frac=0.07,
+      warmup_frac=recipe["stages"][0],
+      hold_frac=recipe["stages"][1],
+      decay_frac=recipe["stages"][2],
       init_lr_scale=0.01,
       final_lr_scale=0.01,
       warmup_steps=0,  # cosine schedule only

@@ -20,7 +20,10 @@ from d2v_jax.models.data2vec import build_model
 from d2v_jax.state import TrainState
 
 # 2 layers, width 32, 4 heads, conv width 16; pos-conv groups stay 16 (32 % 16 == 0).
-TINY_SIZES = dict(num_layers=2, dim=32, num_heads=4, mlp_dim=64, conv_dim=16)
+# The 5-layer positional conv of base/large, so the deep pos conv stays covered.
+TINY_SIZES = dict(
+  num_layers=2, dim=32, num_heads=4, mlp_dim=64, conv_dim=16, pos_conv_depth=5, pos_conv_kernel=19
+)
 INIT_LENGTH = 400  # one frame: the cheapest input that runs every layer
 STEP_LENGTH = 16000  # 49 frames
 STEP_VALID = (16000, 12000, 9000, 16000)  # valid samples per row of the step batch (37, 27 frames)

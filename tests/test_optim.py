@@ -191,7 +191,8 @@ def test_adam_matches_a_numpy_reference_for_three_steps():
   state = tx.init(params)
   m = np.zeros_like(p)
   v = np.zeros_like(p)
-  ref_lr = FairseqTriStage(cfg.lr, total, (0.03, 0.9, 0.07), 0.01, 0.01)
+  phases = (cfg.warmup_frac, cfg.hold_frac, cfg.decay_frac)
+  ref_lr = FairseqTriStage(cfg.lr, total, phases, 0.01, 0.01)
   for t in range(3):
     g = rng.normal(size=p.shape) * 10.0 ** (t - 1)
     updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)

@@ -64,7 +64,14 @@ def test_metrics_are_complete_finite_and_follow_the_schedules():
     )
     np.testing.assert_allclose(m["ema_decay"], want_decay, rtol=1e-6)
     np.testing.assert_allclose(
-      m["lr"], fairseq_tri_stage(step, config.optim.lr, config.loop.total_steps), rtol=1e-5
+      m["lr"],
+      fairseq_tri_stage(
+        step,
+        config.optim.lr,
+        config.loop.total_steps,
+        phases=(config.optim.warmup_frac, config.optim.hold_frac, config.optim.decay_frac),
+      ),
+      rtol=1e-5,
     )
     # Same masked count in every row (require_same_masks), masks only at valid frames.
     frames = audio.output_lengths(np.array(helpers.STEP_VALID))

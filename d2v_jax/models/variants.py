@@ -12,8 +12,13 @@ _TRANSFORMER = {
 
 # Modality-specific front-end sizes.
 _AUDIO = {
-  # The CNN keeps the exact kernels and strides; only its width shrinks for CPU runs.
-  "tiny": dict(conv_dim=128, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16),
+  # The CNN keeps the exact kernels and strides; only its width shrinks for CPU runs. The
+  # positional conv shrinks with the crops: one grouped conv of 9 frames (180 ms), data2vec 1.0's
+  # single-layer layout, instead of 5 x 19 (a 91-frame, 1.8 s receptive field, wider than the
+  # tiny run's 25-50 frame crops). With the deep one, the front end collapses within a few hundred
+  # updates (its output shrinks until the encoder input is the pos conv's smooth output, which
+  # makes the targets predictable without any acoustic content) and the probe stays at chance.
+  "tiny": dict(conv_dim=128, pos_conv_depth=1, pos_conv_kernel=9, pos_conv_groups=16),
   "base": dict(conv_dim=512, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16),
   "large": dict(conv_dim=512, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16),
 }
