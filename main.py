@@ -19,11 +19,11 @@ _MULTI_HOST = flags.DEFINE_bool(
 
 
 def quiet_library_logs() -> None:
-  """Keeps orbax's and grain's per-save INFO chatter out of the run log (warnings still show)."""
+  """Keeps library INFO chatter (orbax per save, grain, jax's backend probing) out of the log."""
   import logging as std_logging
 
   def keep(record) -> bool:
-    noisy = any(lib in record.pathname for lib in ("/orbax/", "/grain/"))
+    noisy = any(lib in record.pathname for lib in ("/orbax/", "/grain/", "xla_bridge.py"))
     return record.levelno >= std_logging.WARNING or not noisy
 
   logging.get_absl_handler().addFilter(keep)
