@@ -38,7 +38,7 @@ def loop_config(total_steps: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     dict(
       total_steps=total_steps,
-      log_every=10,  # steps between log lines / JSONL / TensorBoard rows
+      log_every=50,  # steps between log lines / JSONL / TensorBoard rows
       checkpoint_every=200,  # steps between checkpoints (and one at the end)
       keep_checkpoints=2,
       collapse_check_after=5000,  # spec §0.7: abort on target collapse after this many updates
