@@ -1,0 +1,50 @@
+"""The linear probe: classifier, probe data, and `mode=probe` on a checkpoint."""
+
+import json
+
+import numpy as np
+
+from d2v_jax import evaluate, train
+from d2v_jax.data import sources
+from tests.test_train import tiny_config
+
+
+def test_linear_probe_separates_separable_classes_and_not_shuffled_ones():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(4, 16)) * 3
+  labels = rng.integers(0, 4, size=400)
+  x = centres[labels] + rng.normal(size=(400, 16))
+  kwargs = dict(num_classes=4, seed=0, epochs=50)
+  acc = evaluate.fit_linear_probe(x[:300], labels[:300], x[300:], labels[300:], **kwargs)
+  assert acc > 0.95
+  shuffled = rng.permutation(labels)
+  acc = evaluate.fit_linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], **kwargs)
+  assert acc < 0.5
+
+
+def test_word_clips_are_padded_normalised_and_labelled():
+  train_set, test_set = evaluate.load_probe_sets()
+  assert len(train_set.labels) == 360 and len(test_set.labels) == 120
+  assert train_set.class_names == test_set.class_names and len(train_set.class_names) == 12
+  assert train_set.audio.shape[1] % 320 == 0
+  # Per-utterance normalisation as fairseq's: (x - mean) / sqrt(var + 1e-5) over valid samples.
+  clip = sources.load_embedded_speech_index(split="train", kind="word")[0]
+  raw = sources.read_audio(clip.path, 16000)
+  valid = ~train_set.padding_mask[0]
+  assert valid.sum() == len(raw)
+  want = (raw - raw.mean()) / np.sqrt(raw.var() + 1e-5)
+  np.testing.assert_allclose(train_set.audio[0][valid], want, rtol=1e-4, atol=1e-5)
+  assert np.all(train_set.audio[train_set.padding_mask] == 0)
+  assert set(np.bincount(train_set.labels)) == {30}
+
+
+def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path):
+  config = tiny_config(total_steps=2)
+  train.train_and_evaluate(config, tmp_path)
+  with config.unlocked():
+    config.probe.update(enabled=True, seeds=(0,))
+  result = train.probe_checkpoint(config, tmp_path)
+  assert result["step"] == 2 and result["seeds"] == [0]
+  for key in ("random", "pretrained"):
+    assert len(result[key]) == 1 and 0.0 <= result[key][0] <= 1.0
+  assert json.loads((tmp_path / "probe.json").read_text())["step"] == 2
