@@ -57,11 +57,10 @@ def pooled_features(model, params, data: ProbeData, batch_size: int = 32) -> np.
 
   @jax.jit
   def features(audio, padding):
-    _, aux = model.apply({"params": params}, audio, padding, train=False)
-    tokens_padding = model.apply(
-      {"params": params}, audio, padding, train=False, method=model.embed
-    )[1]
-    valid = (~tokens_padding)[..., None].astype(jnp.float32)  # [B, T, 1]
+    variables = {"params": params}
+    tokens, token_padding = model.apply(variables, audio, padding, train=False, method=model.embed)
+    _, aux = model.apply(variables, tokens, token_padding, train=False, method=model.encode)
+    valid = (~token_padding)[..., None].astype(jnp.float32)  # [B, T, 1]
     layers = [r["block"] for r in aux["layers"]]
     pooled = [jnp.sum(x * valid, 1) / jnp.maximum(jnp.sum(valid, 1), 1.0) for x in layers]
     return jnp.mean(jnp.stack(pooled), axis=0)  # [B, D]
