@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   # beta 0 = L2 (spec §1.3, speech); a negative scale means 1/sqrt(D).
-  config.loss = ml_collections.ConfigDict(dict(beta=0.0, scale=-1.0))
+  config.loss = ml_collections.ConfigDict(dict(beta=0.0, scale=-1.0, reduce_dims="sum"))
   config.ema = ml_collections.ConfigDict(
     dict(
       decay=0.999,
@@ -101,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eps=1e-6,
       weight_decay=0.01,
       decay_1d=True,  # fairseq's Adam decays every parameter, biases and norms included
+      no_decay=(),  # regexes of parameter paths never decayed
       clip_norm=0.0,  # 0 = no clipping (fairseq's default for speech)
       schedule="tri_stage",
       warmup_frac=recipe["stages"][0],

@@ -15,22 +15,34 @@ def smooth_l1(error, beta: float):
   return jnp.where(abs_error < beta, 0.5 * jnp.square(error) / beta, abs_error - 0.5 * beta)
 
 
-def regression_loss(pred, target, weights, *, beta: float = 0.0, scale: float | None = None):
-  """Mean over weighted positions of (sum over D of the per-dim loss) × scale.
+def regression_loss(
+  pred,
+  target,
+  weights,
+  *,
+  beta: float = 0.0,
+  scale: float | None = None,
+  reduce_dims: str = "sum",
+):
+  """Mean over weighted positions of (sum or mean over D of the per-dim loss) × scale.
 
   Args:
     pred: [B, T, D] student predictions.
     target: [B, T, D] teacher targets.
     weights: [B, T] 1.0 at positions that count (masked, valid), else 0.0.
     beta: smooth-L1 β; 0 = L2.
-    scale: multiplier of the summed loss; None = 1/√D.
+    scale: multiplier of the per-position loss; None = 1/√D.
+    reduce_dims: 'sum' over D (fairseq speech and text) or 'mean' (data2vec_vision).
 
   Returns:
     (loss, num_positions) as float32 scalars.
   """
   dim = pred.shape[-1]
   scale = dim**-0.5 if scale is None else scale
-  per_position = jnp.sum(smooth_l1(pred.astype(jnp.float32) - target, beta), axis=-1)  # [B, T]
+  if reduce_dims not in ("sum", "mean"):
+    raise ValueError(f"config.loss.reduce_dims={reduce_dims!r}: use 'sum' or 'mean'")
+  per_dim = smooth_l1(pred.astype(jnp.float32) - target, beta)  # [B, T, D]
+  per_position = jnp.sum(per_dim, -1) if reduce_dims == "sum" else jnp.mean(per_dim, -1)  # [B, T]
   weights = weights.astype(jnp.float32)
   count = jnp.sum(weights)
   loss = jnp.sum(per_position * weights) * scale / jnp.maximum(count, 1.0)

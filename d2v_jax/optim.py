@@ -7,6 +7,8 @@
 """
 
 import math
+import re
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,13 +73,19 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):
   )
 
 
-def decay_mask(params, decay_1d: bool):
+def decay_mask(params, decay_1d: bool, no_decay: Sequence[str] = ()):
   """Weight decay on every leaf, or (decay_1d=False) only on weight matrices and kernels.
 
   Biases are excluded by name as well as by rank: attention q/k/v biases are [heads, head_dim].
+  Leaves whose `/`-joined path matches a regex of `no_decay` are never decayed (vision: the
+  relative position table, 2-D but a position table).
   """
+  regexes = [re.compile(p) for p in no_decay]
 
   def decays(path, p):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if any(r.search(name) for r in regexes):
+      return False
     return decay_1d or (p.ndim > 1 and getattr(path[-1], "key", None) != "bias")
 
   return jax.tree_util.tree_map_with_path(decays, params)
@@ -94,7 +102,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int):
     b2=optim_cfg.b2,
     eps=optim_cfg.eps,
     weight_decay=optim_cfg.weight_decay,
-    mask=lambda params: decay_mask(params, optim_cfg.decay_1d),
+    mask=lambda params: decay_mask(params, optim_cfg.decay_1d, optim_cfg.no_decay),
   )
   if optim_cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), adam), schedule

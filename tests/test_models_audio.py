@@ -174,7 +174,7 @@ def test_parameter_names_are_stable():
     "encoder/blocks/layer_01/fc1/kernel",
     "encoder/blocks/layer_01/fc2/bias",
     "encoder/blocks/layer_01/attention_norm/scale",
-    "encoder/blocks/layer_01/final_norm/bias",
+    "encoder/blocks/layer_01/ffn_norm/bias",
     "mask_emb",
     "final_proj/kernel",
     "final_proj/bias",

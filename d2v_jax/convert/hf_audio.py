@@ -195,7 +195,7 @@ def _expected_keys(c: dict) -> dict[str, _Entry]:
     add(f"{ff}.intermediate_dense.bias", f"{ours}/fc1/bias", (mlp,))
     add(f"{ff}.output_dense.weight", f"{ours}/fc2/kernel", (dim, mlp), linear)
     add(f"{ff}.output_dense.bias", f"{ours}/fc2/bias", (dim,))
-    add_norm(f"{hf}.final_layer_norm", f"{ours}/final_norm", dim)
+    add_norm(f"{hf}.final_layer_norm", f"{ours}/ffn_norm", dim)
 
   add("masked_spec_embed", "mask_emb", (dim,))
   return keys

@@ -26,9 +26,6 @@ from d2v_jax.models import transformer
 CONV_KERNELS = (10, 3, 3, 3, 3, 2, 2)
 CONV_STRIDES = (5, 2, 2, 2, 2, 2, 2)
 
-# PyTorch's default Conv/Linear initialisation (kaiming_uniform with a=sqrt(5)).
-torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
 
 def output_lengths(lengths, kernels=CONV_KERNELS, strides=CONV_STRIDES):
   """Frames produced by the conv stack for inputs of `lengths` samples: ⌊(L−k)/s⌋+1 per layer.
@@ -91,9 +88,9 @@ class AudioFrontend(nn.Module):
       self.conv_dim, conv_bias=self.conv_bias, dtype=self.dtype, name="feature_extractor"
     )(audio)
     features = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="feature_norm")(features)
-    x = nn.Dense(self.dim, kernel_init=torch_default_init, dtype=self.dtype, name="projection")(
-      features
-    )  # [B, T', D]
+    x = nn.Dense(
+      self.dim, kernel_init=transformer.torch_default_init, dtype=self.dtype, name="projection"
+    )(features)  # [B, T', D]
     return x, frame_padding_mask(padding_mask)
 
 
@@ -120,7 +117,7 @@ class ConvPositionalEncoding(nn.Module):
         (k,),
         padding=[(k // 2, k // 2)],
         feature_group_count=self.groups,
-        kernel_init=torch_default_init,
+        kernel_init=transformer.torch_default_init,
         dtype=self.dtype,
         name=f"conv_{j}",
       )(x)
@@ -166,10 +163,10 @@ class AudioEncoder(nn.Module):
       self.num_layers,
       self.num_heads,
       self.mlp_dim,
-      self.dropout,
-      self.attention_dropout,
-      self.activation_dropout,
-      self.layerdrop,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
+      activation_dropout=self.activation_dropout,
+      layerdrop=self.layerdrop,
       dtype=self.dtype,
       name="blocks",
     )(x, padding_mask, train=train)

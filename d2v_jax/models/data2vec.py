@@ -1,16 +1,17 @@
 """The data2vec student: front end -> mask embedding -> encoder -> regression head (spec §0).
 
 The same module serves student and teacher. The student embeds its input, replaces masked tokens
-with a learned embedding and regresses the teacher's targets through `final_proj`. The teacher
-runs `encoder` alone on the unmasked tokens with its own (EMA) parameters: because `encoder` is a
-module field, `model.encoder.apply({"params": teacher["encoder"]}, ...)` runs it standalone.
+with a learned embedding and regresses the teacher's targets through `final_proj` (vision's
+`lm_head`). The teacher runs with its own (EMA) parameters on the unmasked input: for speech the
+encoder alone on the student's features (`model.encoder.apply({"params": teacher["encoder"]},
+...)` runs it standalone, since `encoder` is a module field); for vision the whole model.
 """
 
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from d2v_jax.models import audio, variants
+from d2v_jax.models import audio, image, transformer, variants
 
 
 class Data2Vec(nn.Module):
@@ -19,11 +20,12 @@ class Data2Vec(nn.Module):
   frontend: nn.Module
   encoder: nn.Module
   dim: int
+  mask_init: nn.initializers.Initializer = nn.initializers.uniform(1.0)
+  head_init: nn.initializers.Initializer = transformer.torch_default_init
 
   def setup(self):
-    # fairseq initialises the audio mask embedding from U[0, 1).
-    self.mask_emb = self.param("mask_emb", nn.initializers.uniform(1.0), (self.dim,))
-    self.final_proj = nn.Dense(self.dim, kernel_init=audio.torch_default_init)
+    self.mask_emb = self.param("mask_emb", self.mask_init, (self.dim,))
+    self.final_proj = nn.Dense(self.dim, kernel_init=self.head_init)
 
   def embed(self, inputs, padding_mask, *, train: bool):
     """Raw input -> (tokens [B, T, D], token padding mask [B, T])."""
@@ -48,19 +50,20 @@ class Data2Vec(nn.Module):
 def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec:
   """Builds the student for `modality` from `config.model` (variant, dropouts, dtype).
 
-  Size fields (`num_layers`, `dim`, `num_heads`, `mlp_dim`, `conv_dim`, `pos_conv_*`) present in
-  `model_cfg` override the variant's, so converted checkpoints of any shape can be built.
+  Size fields (`num_layers`, `dim`, `num_heads`, `mlp_dim`, and the front end's: `conv_dim`,
+  `pos_conv_*` for audio, `image_size`, `patch_size` for images) present in `model_cfg` override
+  the variant's, so converted checkpoints of any shape can be built.
   """
   sizes = variants.decode_variant(modality, model_cfg.variant)
-  # Explicit size fields in the config (e.g. written by a converter) override the variant's.
   sizes.update({k: model_cfg[k] for k in sizes if k in model_cfg})
   dtype = jnp.dtype(model_cfg.dtype)
+  transformer_sizes = dict(
+    num_layers=sizes["num_layers"], num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"]
+  )
   if modality == "audio":
     frontend = audio.AudioFrontend(sizes["dim"], sizes["conv_dim"], dtype=dtype)
     encoder = audio.AudioEncoder(
-      num_layers=sizes["num_layers"],
-      num_heads=sizes["num_heads"],
-      mlp_dim=sizes["mlp_dim"],
+      **transformer_sizes,
       pos_conv_depth=sizes["pos_conv_depth"],
       pos_conv_kernel=sizes["pos_conv_kernel"],
       pos_conv_groups=sizes["pos_conv_groups"],
@@ -70,6 +73,27 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
       layerdrop=model_cfg.layerdrop,
       dtype=dtype,
     )
-  else:
-    raise ValueError(f"Unknown modality {modality!r}")
-  return Data2Vec(frontend=frontend, encoder=encoder, dim=sizes["dim"])
+    # fairseq: the speech mask embedding is U[0, 1); final_proj is a default torch Linear.
+    return Data2Vec(frontend=frontend, encoder=encoder, dim=sizes["dim"])
+  if modality == "image":
+    frontend = image.ImageFrontend(
+      sizes["dim"], sizes["image_size"], sizes["patch_size"], dtype=dtype
+    )
+    encoder = image.ImageEncoder(
+      grid=image.patch_grid(sizes["image_size"], sizes["patch_size"]),
+      **transformer_sizes,
+      dropout=model_cfg.dropout,
+      attention_dropout=model_cfg.attention_dropout,
+      drop_path_rate=model_cfg.drop_path_rate,
+      layer_scale_init=model_cfg.layer_scale_init,
+      dtype=dtype,
+    )
+    # BEiT: the mask token and lm_head are N(0, 0.02) like every other Linear.
+    return Data2Vec(
+      frontend=frontend,
+      encoder=encoder,
+      dim=sizes["dim"],
+      mask_init=transformer.bert_init,
+      head_init=transformer.bert_init,
+    )
+  raise ValueError(f"Unknown modality {modality!r}; known: audio, image")

@@ -23,7 +23,15 @@ _AUDIO = {
   "large": dict(conv_dim=512, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16),
 }
 
-_FRONTENDS = {"audio": _AUDIO}
+# Images: ViT-B/16 and ViT-L/16 at 224² (14×14 patches). The tiny variant patches the embedded
+# digits (8×8 scans, upsampled to 32²) into an 8×8 grid of 4×4 patches.
+_IMAGE = {
+  "tiny": dict(image_size=32, patch_size=4),
+  "base": dict(image_size=224, patch_size=16),
+  "large": dict(image_size=224, patch_size=16),
+}
+
+_FRONTENDS = {"audio": _AUDIO, "image": _IMAGE}
 
 
 def decode_variant(modality: str, variant: str) -> dict:

@@ -1,0 +1,158 @@
+"""Image front end and encoder of data2vec 1.0 (spec §1.1, vision; the BEiT ViT layout).
+
+- `PatchEmbed`: a p×p convolution with stride p: [B, H, W, C] -> [B, N, D] patch tokens,
+  N = (H/p)·(W/p) in row-major order (the order masks and targets use).
+- `ImageEncoder`: prepend a learned CLS token, then pre-LN blocks with LayerScale and stochastic
+  depth whose attention adds ONE relative position bias shared by every block, then a final
+  LayerNorm. There is no absolute position embedding.
+
+The encoder hides its CLS token from the caller: outputs and per-block sublayer outputs are
+returned for the N patch positions only, aligned with the tokens (and mask) it was given, which is
+what targets and predictions use (spec §1.3: CLS dropped). The final CLS output is `aux["cls"]`.
+
+Relative position bias (BEiT `RelativePositionBias`): a table of (2h−1)(2w−1) + 3 rows × heads,
+one row per 2-D offset between patches plus three for cls→patch, patch→cls and cls→cls. The table
+follows the grid, so resolution and patch size are free config values.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from d2v_jax.models import transformer
+
+
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+  """int[N+1, N+1]: the bias-table row of each (query, key) pair, CLS at position 0."""
+  h, w = grid
+  coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)  # [2, N]
+  delta = coords[:, :, None] - coords[:, None, :]  # [2, N, N], in (-h, h) x (-w, w)
+  patch_index = (delta[0] + h - 1) * (2 * w - 1) + (delta[1] + w - 1)  # [N, N]
+  num_offsets = (2 * h - 1) * (2 * w - 1)
+  index = np.empty((h * w + 1, h * w + 1), np.int32)
+  index[1:, 1:] = patch_index
+  index[0, :] = num_offsets  # cls -> patch
+  index[:, 0] = num_offsets + 1  # patch -> cls
+  index[0, 0] = num_offsets + 2  # cls -> cls
+  return index
+
+
+def num_relative_positions(grid: tuple[int, int]) -> int:
+  """Rows of the relative position bias table: 732 for a 14×14 grid."""
+  h, w = grid
+  return (2 * h - 1) * (2 * w - 1) + 3
+
+
+class RelativePositionBias(nn.Module):
+  """The shared bias table -> an additive attention bias [heads, N+1, N+1]."""
+
+  grid: tuple[int, int]
+  num_heads: int
+
+  @nn.compact
+  def __call__(self):
+    table = self.param(
+      "table", nn.initializers.zeros, (num_relative_positions(self.grid), self.num_heads)
+    )
+    index = relative_position_index(self.grid)  # static: a gather with constant indices
+    return jnp.transpose(table[index], (2, 0, 1))  # [H, N+1, N+1]
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p×p patches -> D-dim tokens (a strided convolution)."""
+
+  dim: int
+  patch_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    # images: [B, H, W, C] -> [B, H/p, W/p, D]
+    p = self.patch_size
+    x = nn.Conv(
+      self.dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      kernel_init=transformer.torch_default_init,  # BEiT leaves the conv at PyTorch's default
+      dtype=self.dtype,
+      name="projection",
+    )(images.astype(self.dtype))
+    return x.reshape(x.shape[0], -1, self.dim)  # [B, N, D], row-major patches
+
+
+def patch_grid(image_size: int, patch_size: int) -> tuple[int, int]:
+  """(rows, cols) of patches; the image side must be a multiple of the patch size."""
+  if image_size % patch_size:
+    raise ValueError(
+      f"config.model.image_size={image_size} is not a multiple of "
+      f"config.model.patch_size={patch_size}"
+    )
+  return image_size // patch_size, image_size // patch_size
+
+
+class ImageFrontend(nn.Module):
+  """Images [B, H, W, C] -> (patch tokens [B, N, D], padding mask [B, N], all False)."""
+
+  dim: int
+  image_size: int
+  patch_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, padding_mask=None, *, train: bool):
+    del padding_mask, train  # images are never padded; the signature is the model's contract
+    expected = (self.image_size, self.image_size)
+    if images.ndim != 4 or tuple(images.shape[1:3]) != expected:
+      raise ValueError(
+        f"Expected images [B, {self.image_size}, {self.image_size}, C], got {images.shape}"
+      )
+    tokens = PatchEmbed(self.dim, self.patch_size, dtype=self.dtype, name="patch_embed")(images)
+    return tokens, jnp.zeros(tokens.shape[:2], bool)
+
+
+class ImageEncoder(nn.Module):
+  """Patch tokens [B, N, D] -> (output [B, N, D], aux), with a CLS token inside.
+
+  aux = {"layers": [{"ffn", "block"} per block, patch positions only], "cls": [B, D] final CLS}.
+  """
+
+  grid: tuple[int, int]
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  layer_scale_init: float = 0.1
+  layer_norm_eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, padding_mask, *, train: bool):
+    batch, num_patches, dim = x.shape
+    if num_patches != self.grid[0] * self.grid[1]:
+      raise ValueError(f"Expected {self.grid[0]}x{self.grid[1]} patches, got {num_patches}")
+    cls = self.param("cls_token", transformer.bert_init, (dim,))
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, dim)), x], axis=1)
+    padding_mask = jnp.pad(padding_mask, ((0, 0), (1, 0)))  # [B, 1+N]: CLS is never padding
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    bias = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
+    x, layers = transformer.Encoder(
+      self.num_layers,
+      self.num_heads,
+      self.mlp_dim,
+      pre_norm=True,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
+      drop_path_rate=self.drop_path_rate,
+      layer_scale_init=self.layer_scale_init,
+      key_bias=False,
+      rescale_init=True,
+      layer_norm_eps=self.layer_norm_eps,
+      dtype=self.dtype,
+      name="blocks",
+    )(x, padding_mask, bias, train=train)
+    x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
+    layers = [{name: y[:, 1:] for name, y in layer.items()} for layer in layers]
+    return x[:, 1:], {"layers": layers, "cls": x[:, 0]}
