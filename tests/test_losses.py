@@ -119,3 +119,27 @@ def test_masked_std_of_a_constant_is_sqrt_eps():
   x = jnp.full((2, 4, 3), 5.0)
   got = float(losses.masked_std(x, jnp.ones((2, 4))))
   np.testing.assert_allclose(got, 1e-3, rtol=1e-3)
+
+
+def test_vision_loss_is_smooth_l1_mean_over_tokens_and_dims():
+  """data2vec_vision: smooth-L1(β=2) averaged over masked tokens and dimensions, no scale."""
+  pred = np.zeros((1, 3, 4), np.float32)
+  target = np.zeros((1, 3, 4), np.float32)
+  target[0, 0] = [1.0, -1.0, 3.0, 0.0]  # 0.25, 0.25, 3 − 1 = 2, 0
+  target[0, 1] = 0.5  # 4 × 0.0625
+  target[0, 2] = 9.0  # not counted
+  weights = np.array([[1.0, 1.0, 0.0]], np.float32)
+  loss, _ = losses.regression_loss(
+    jnp.asarray(pred),
+    jnp.asarray(target),
+    jnp.asarray(weights),
+    beta=2.0,
+    scale=1.0,
+    reduce_dims="mean",
+  )
+  want = np.mean([np.mean([0.25, 0.25, 2.0, 0.0]), 0.0625])
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  with pytest.raises(ValueError, match="reduce_dims"):
+    losses.regression_loss(
+      jnp.asarray(pred), jnp.asarray(target), jnp.asarray(weights), reduce_dims="max"
+    )

@@ -222,3 +222,19 @@ def test_clipping_by_global_norm(clip_norm, grad_scale):
   _, state = tx.update(grads, tx.init(params), params)
   want = min(grad_scale, clip_norm) if clip_norm > 0 else grad_scale
   assert _first_moment_norm(state) == pytest.approx((1 - cfg.b1) * want, rel=1e-5)
+
+
+def test_decay_mask_no_decay_patterns_exclude_matching_paths():
+  params = {
+    "encoder": {"rel_pos_bias": {"table": jnp.zeros((7, 2))}, "fc": {"kernel": jnp.zeros((3, 3))}},
+    "frontend": {"table": jnp.zeros((4, 4))},
+  }
+  mask = helpers.flat(optim.decay_mask(params, decay_1d=False, no_decay=(r"rel_pos_bias/table$",)))
+  assert mask == {
+    "encoder/rel_pos_bias/table": False,
+    "encoder/fc/kernel": True,
+    "frontend/table": True,
+  }
+  # Patterns win over decay_1d=True too.
+  mask = helpers.flat(optim.decay_mask(params, decay_1d=True, no_decay=(r"^frontend/",)))
+  assert not mask["frontend/table"] and mask["encoder/rel_pos_bias/table"]
