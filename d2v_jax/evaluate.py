@@ -1,9 +1,11 @@
-"""Linear probe: how linearly separable are a frozen encoder's features? (issue: speech probe)
+"""Linear probe: how linearly separable are a frozen encoder's features?
 
 The encoder runs in eval mode on unmasked inputs; each layer's end-of-block output is mean-pooled
-over valid frames, the pooled layers are averaged, standardised with training statistics, and a
-softmax classifier is fitted with Adam on the training split and scored on the held-out split.
-For the embedded speech set: spoken-word labels, train/test split by voice (speaker-independent).
+over valid positions (frames, or patches: an image model's CLS is not among them), the pooled
+layers are averaged, standardised with training statistics, and a softmax classifier is fitted
+with Adam on the training split and scored on the held-out split. Probe sets:
+- speech: the embedded spoken words, train/test split by voice (speaker-independent);
+- images: the embedded digits, resized whole to the model's resolution, stratified split.
 
 The classifier's seed sets its initialisation and minibatch order; results are reported per seed
 and as the mean, for the pretrained encoder and for the same encoder at initialisation.
@@ -18,6 +20,7 @@ import optax
 from absl import logging
 
 from d2v_jax.data import audio as audio_data
+from d2v_jax.data import image as image_data
 from d2v_jax.data import sources
 
 _FRAME_STRIDE = 320  # the conv stack's hop: pad clips to whole frames
@@ -27,8 +30,8 @@ _FRAME_STRIDE = 320  # the conv stack's hop: pad clips to whole frames
 class ProbeData:
   """Fixed-length, normalised clips with integer labels."""
 
-  audio: np.ndarray  # [N, T] float32
-  padding_mask: np.ndarray  # [N, T] bool, True = padded
+  inputs: np.ndarray  # [N, T] float32 audio, or [N, S, S, 3] float32 images
+  padding_mask: np.ndarray | None  # [N, T] bool, True = padded; None for images
   labels: np.ndarray  # [N] int32
   class_names: tuple[str, ...]
 
@@ -56,9 +59,9 @@ def pooled_features(model, params, data: ProbeData, batch_size: int = 32) -> np.
   """[N, D]: per-layer mean over valid frames of the end-of-block outputs, averaged over layers."""
 
   @jax.jit
-  def features(audio, padding):
+  def features(inputs, padding):
     variables = {"params": params}
-    tokens, token_padding = model.apply(variables, audio, padding, train=False, method=model.embed)
+    tokens, token_padding = model.apply(variables, inputs, padding, train=False, method=model.embed)
     _, aux = model.apply(variables, tokens, token_padding, train=False, method=model.encode)
     valid = (~token_padding)[..., None].astype(jnp.float32)  # [B, T, 1]
     layers = [r["block"] for r in aux["layers"]]
@@ -68,13 +71,14 @@ def pooled_features(model, params, data: ProbeData, batch_size: int = 32) -> np.
   n = len(data.labels)
   out = []
   for start in range(0, n, batch_size):
-    audio = data.audio[start : start + batch_size]
-    padding = data.padding_mask[start : start + batch_size]
-    short = batch_size - len(audio)  # pad the last batch so the function compiles once
-    if short:
-      audio = np.pad(audio, ((0, short), (0, 0)))
+    inputs = data.inputs[start : start + batch_size]
+    short = batch_size - len(inputs)  # pad the last batch so the function compiles once
+    inputs = np.pad(inputs, [(0, short)] + [(0, 0)] * (inputs.ndim - 1))
+    padding = None
+    if data.padding_mask is not None:
+      padding = data.padding_mask[start : start + batch_size]
       padding = np.pad(padding, ((0, short), (0, 0)), constant_values=True)
-    out.append(np.asarray(features(audio, padding))[: batch_size - short])
+    out.append(np.asarray(features(inputs, padding))[: batch_size - short])
   return np.concatenate(out)
 
 
@@ -151,7 +155,20 @@ def probe_accuracy(model, params, probe_cfg, train: ProbeData, test: ProbeData) 
   return accuracies
 
 
-def load_probe_sets(sample_rate: int = 16000) -> tuple[ProbeData, ProbeData]:
-  train = load_word_clips("train", sample_rate)
-  test = load_word_clips("test", sample_rate, class_names=train.class_names)
-  return train, test
+def load_digit_images(config) -> tuple[ProbeData, ProbeData]:
+  """The embedded digits' train and test splits at the model's resolution, normalised."""
+  train, test = image_data.load_digit_probe_sets(
+    config.model.image_size, config.input.mean, config.input.std
+  )
+  return tuple(ProbeData(d.images, None, d.labels, tuple(d.class_names)) for d in (train, test))
+
+
+def load_probe_sets(config) -> tuple[ProbeData, ProbeData]:
+  """(train, test) probe data of `config.modality`'s embedded set."""
+  if config.modality == "audio":
+    train = load_word_clips("train", config.input.sample_rate)
+    test = load_word_clips("test", config.input.sample_rate, class_names=train.class_names)
+    return train, test
+  if config.modality == "image":
+    return load_digit_images(config)
+  raise ValueError(f"No probe set for modality {config.modality!r}")

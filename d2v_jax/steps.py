@@ -3,14 +3,16 @@
 Order inside the step:
   1. keys: fold the step into the loop key, split into `mask` and `dropout` streams;
   2. student front end on the input -> tokens and their padding mask;
-  3. mask drawn with jax.random from the token padding mask (static shape, same count per row);
-  4. teacher (eval mode, stop_gradient) encodes the unmasked tokens -> normalised top-K targets;
+  3. mask drawn with jax.random (static shape, same count per row; never on padding);
+  4. teacher (eval mode, stop_gradient) encodes the unmasked input -> normalised top-K targets;
   5. student encodes the masked tokens -> regression head -> loss at masked, valid positions;
   6. gradient, Adam update, then the EMA update of the teacher with τ(step).
 
-The teacher forward runs inside the differentiated function only because its input (the shared
-CNN features) is computed there; it is wrapped in `stop_gradient`, so no backward pass is built
-for it and the CNN runs once per step.
+What the teacher reads depends on what it mirrors (spec §1.4): for speech it holds only the
+encoder and reads the student's CNN features (shared); for vision it is the whole model and embeds
+the raw image itself. Its forward runs inside the differentiated function only because the shared
+features are computed there; it is wrapped in `stop_gradient`, so no backward pass is built for
+it and the shared front end runs once per step.
 """
 
 import jax
@@ -22,12 +24,17 @@ from d2v_jax import losses, masking, targets, teacher
 from d2v_jax.state import TrainState
 
 # Batch keys of each modality's model input (DESIGN.md, "Batches").
-INPUT_KEYS = {"audio": "audio"}
+INPUT_KEYS = {"audio": "audio", "image": "image"}
 
 
 def model_inputs(batch, modality: str):
-  """(inputs, padding_mask) of a batch; padding_mask is True at padded positions."""
+  """(inputs, padding_mask) of a batch; padding_mask is True at padded positions.
+
+  Images are never padded: their padding mask is None.
+  """
   inputs = batch[INPUT_KEYS[modality]]
+  if modality == "image":
+    return inputs, None
   padding = batch.get("padding_mask")
   if padding is None:
     padding = jnp.zeros(inputs.shape[:2], bool)
@@ -41,34 +48,63 @@ def scale_gradient(x, scale: float):
   return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
 
 
-def draw_mask(rng, token_padding, config: ml_collections.ConfigDict):
-  """The student's mask for `config.modality` (spec §1.2)."""
+def draw_mask(rng, token_padding, config: ml_collections.ConfigDict, grid=None):
+  """The student's mask for `config.modality` (spec §1.2): bool[B, T], True = masked.
+
+  `grid` is the (rows, cols) patch grid of image models.
+  """
+  m = config.masking
   if config.modality == "audio":
-    m = config.masking
     return masking.span_mask(
       rng, token_padding, prob=m.prob, length=m.length, min_masks=m.min_masks
     )
+  if config.modality == "image":
+    num_masked, min_block = masking.block_mask_sizes(
+      grid[0] * grid[1],
+      num_masked_ref=m.masked_patches,
+      min_block_ref=m.min_block,
+      num_patches_ref=m.reference_patches,
+    )
+    return masking.block_mask(
+      rng,
+      token_padding.shape[0],
+      grid,
+      num_masked=num_masked,
+      min_block=min_block,
+      min_aspect=m.min_aspect,
+    )
   raise ValueError(f"No masking defined for modality {config.modality!r}")
+
+
+def teacher_targets(model, config, teacher_params, inputs, padding, tokens, token_padding):
+  """The teacher's normalised top-K targets [B, T, D] on the unmasked input (spec §1.3, §1.4).
+
+  A teacher that mirrors the front end (vision: the whole model) embeds the raw `inputs` itself;
+  one that mirrors only the encoder (speech) reads the student's `tokens`.
+  """
+  if "frontend" in teacher_params:
+    tokens, token_padding = model.apply(
+      {"params": teacher_params}, inputs, padding, train=False, method=model.embed
+    )
+  _, aux = model.encoder.apply(
+    {"params": teacher_params["encoder"]}, tokens, token_padding, train=False
+  )
+  t = config.targets
+  return targets.build_targets(
+    aux["layers"],
+    token_padding,
+    top_k=t.top_k,
+    layer_output=t.layer_output,
+    layer_norm_kind=t.layer_norm,
+    final_norm=t.final_norm,
+  )
 
 
 def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
   """Returns `step(state, batch, loop_key) -> (state, metrics)`, pure and ready for jit."""
   names = tuple(config.ema.teacher_params)
   loss_scale = None if config.loss.scale < 0 else config.loss.scale
-
-  def teacher_targets(teacher_params, tokens, token_padding):
-    _, aux = model.encoder.apply(
-      {"params": teacher_params["encoder"]}, tokens, token_padding, train=False
-    )
-    t = config.targets
-    return targets.build_targets(
-      aux["layers"],
-      token_padding,
-      top_k=t.top_k,
-      layer_output=t.layer_output,
-      layer_norm_kind=t.layer_norm,
-      final_norm=t.final_norm,
-    )
+  grid = getattr(model.encoder, "grid", None)
 
   def step(state: TrainState, batch, loop_key):
     rng = jax.random.fold_in(loop_key, state.step)
@@ -81,10 +117,19 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       tokens, token_padding = model.apply(
         variables, inputs, padding, train=True, rngs=rngs, method=model.embed
       )  # [B, T, D], [B, T]
-      tokens = scale_gradient(tokens, config.model.feature_grad_mult)
-      mask = draw_mask(mask_rng, token_padding, config)
+      # Speech only (fairseq's feature_grad_mult); other front ends train at the full rate.
+      tokens = scale_gradient(tokens, config.model.get("feature_grad_mult", 1.0))
+      mask = draw_mask(mask_rng, token_padding, config, grid)
       y = jax.lax.stop_gradient(
-        teacher_targets(state.teacher, jax.lax.stop_gradient(tokens), token_padding)
+        teacher_targets(
+          model,
+          config,
+          state.teacher,
+          inputs,
+          padding,
+          jax.lax.stop_gradient(tokens),
+          token_padding,
+        )
       )
       x, _ = model.apply(
         variables, tokens, token_padding, mask, train=True, rngs=rngs, method=model.encode
@@ -92,7 +137,12 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       pred = model.apply(variables, x, method=model.predict)  # [B, T, D]
       weights = mask & ~token_padding
       loss, num_masked = losses.regression_loss(
-        pred, y, weights, beta=config.loss.beta, scale=loss_scale
+        pred,
+        y,
+        weights,
+        beta=config.loss.beta,
+        scale=loss_scale,
+        reduce_dims=config.loss.reduce_dims,
       )
       return loss, {
         "target_var": losses.masked_std(y, weights),
@@ -125,7 +175,8 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       "lr": schedule(state.step),
       "grad_norm": optax.tree.norm(grads),
       "param_norm": optax.tree.norm(params),  # after the update: a checkpoint must be finite
-      "valid_inputs": jnp.sum(~padding),  # samples (audio) or tokens (text) actually seen
+      # Samples (audio), tokens (text) or images actually seen.
+      "valid_inputs": inputs.shape[0] if padding is None else jnp.sum(~padding),
       **aux,
     }
     new_state = state.replace(

@@ -20,11 +20,15 @@ from tqdm import tqdm
 from d2v_jax import checkpoint, metrics, optim, sharding, steps
 from d2v_jax import evaluate as evaluate_lib
 from d2v_jax import state as state_lib
-from d2v_jax.data import make_audio_pretrain_dataset
+from d2v_jax.data import audio as audio_data
+from d2v_jax.data import image as image_data
 from d2v_jax.models.data2vec import build_model
 
-# Unit of each modality's throughput (valid inputs per unit): audio-seconds/s.
-_THROUGHPUT = {"audio": ("audio_seconds_per_sec", lambda cfg: cfg.input.sample_rate)}
+# Each modality's throughput: (name, valid inputs per unit): audio-seconds/s, images/s.
+_THROUGHPUT = {
+  "audio": ("audio_seconds_per_sec", lambda cfg: cfg.input.sample_rate),
+  "image": ("images_per_sec", lambda cfg: 1),
+}
 
 
 def split_seed(seed: int):
@@ -34,19 +38,28 @@ def split_seed(seed: int):
   return init_key, data_seed, loop_key
 
 
+_PRETRAIN_DATASETS = {
+  "audio": audio_data.make_audio_pretrain_dataset,
+  "image": image_data.make_image_pretrain_dataset,
+}
+
+
 def make_dataset(config, data_seed: int):
-  if config.modality == "audio":
-    return make_audio_pretrain_dataset(
-      config.input,
-      seed=data_seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-  raise ValueError(f"No pretraining data pipeline for modality {config.modality!r}")
+  if config.modality not in _PRETRAIN_DATASETS:
+    raise ValueError(f"No pretraining data pipeline for modality {config.modality!r}")
+  return _PRETRAIN_DATASETS[config.modality](
+    config.input,
+    seed=data_seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
 
 
 def example_inputs(config):
-  """A one-example batch of the smallest shape, for parameter initialisation."""
+  """A one-example (inputs, padding mask) of the smallest shape, for parameter initialisation."""
+  if config.modality == "image":
+    size = config.model.image_size
+    return jnp.zeros((1, size, size, 3), jnp.float32), None
   length = min(config.input.crop_lengths)
   return jnp.zeros((1, length), jnp.float32), jnp.zeros((1, length), bool)
 
@@ -119,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   loop_key = jax.device_put(loop_key, replicated)
   writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
-  probe_sets = evaluate_lib.load_probe_sets() if config.probe.enabled else None
+  probe_sets = evaluate_lib.load_probe_sets(config) if config.probe.enabled else None
   loop = config.loop
   throughput_name, unit = _THROUGHPUT[config.modality]
   first_step = int(state.step)
@@ -228,7 +241,7 @@ def probe_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     initial.params,
     state.params,
     config.probe,
-    evaluate_lib.load_probe_sets(config.input.sample_rate),
+    evaluate_lib.load_probe_sets(config),
   )
   result["step"] = latest
   (workdir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from configs import audio as audio_config
+from configs import image as image_config
 from d2v_jax import optim, sharding, steps, teacher
 from d2v_jax.models.data2vec import build_model
 from d2v_jax.state import TrainState
@@ -97,15 +98,18 @@ def step_batch():
 
 
 class TrainSetup:
-  """Model, optimiser, initial state and a jitted step on a mesh, as `d2v_jax/train.py` builds."""
+  """Model, optimiser, initial state and a jitted step on a mesh, as `d2v_jax/train.py` builds.
 
-  def __init__(self, devices):
-    self.config = step_config()
-    self.model = tiny_model()
+  Defaults to the tiny audio setup; the image tests pass their own config, model and params.
+  """
+
+  def __init__(self, devices, config=None, model=None, params=None):
+    self.config = step_config() if config is None else config
+    self.model = tiny_model() if model is None else model
     self.tx, self.schedule = optim.make_optimizer(self.config.optim, self.config.loop.total_steps)
     self.mesh = sharding.make_mesh(devices)
     self.replicated = sharding.replicated(self.mesh)
-    params = tiny_params()
+    params = tiny_params() if params is None else params
     state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -144,6 +148,57 @@ class TrainSetup:
 @functools.cache
 def train_setup(num_devices: int = 4) -> TrainSetup:
   return TrainSetup(jax.devices()[:num_devices])
+
+
+# Images: 2 blocks of width 32 on 16² images cut into 4×4 patches (a 4×4 grid).
+IMAGE_SIZES = dict(num_layers=2, dim=32, num_heads=4, mlp_dim=64, image_size=16, patch_size=4)
+IMAGE_BATCH = 8
+
+
+def image_step_config() -> ml_collections.ConfigDict:
+  """The image config at IMAGE_SIZES, tuned so that a fixed batch is clearly fitted."""
+  config = image_config.get_config()
+  config.model.update(IMAGE_SIZES)
+  config.targets.top_k = 2
+  config.loop.total_steps = STEP_TOTAL
+  config.input.batch_size = IMAGE_BATCH
+  config.optim.update(lr=5e-3, warmup_steps=5)
+  config.ema.update(decay=0.99, end_decay=0.99)  # constant, fast enough to see the teacher move
+  return config
+
+
+@functools.cache
+def image_model():
+  return build_model("image", image_step_config().model)
+
+
+@functools.cache
+def image_params():
+  model = image_model()
+  x = jnp.zeros((1, IMAGE_SIZES["image_size"], IMAGE_SIZES["image_size"], 3), jnp.float32)
+  return fast_jit(lambda: model.init({"params": jax.random.key(0)}, x, None)["params"])()
+
+
+@functools.cache
+def image_batch():
+  """Per image: a random colour plus a gentle random colour ramp, and a little noise.
+
+  Masked patches are then predictable from the visible ones (patches of one image are alike),
+  so a student that uses its context can fit the targets; independent random patches could not.
+  """
+  rng = np.random.default_rng(0)
+  size = IMAGE_SIZES["image_size"]
+  ramp = np.linspace(-1, 1, size, dtype=np.float32)
+  colour = rng.standard_normal((IMAGE_BATCH, 1, 1, 3))
+  slope_y, slope_x = 0.5 * rng.standard_normal((2, IMAGE_BATCH, 1, 1, 3))
+  images = colour + slope_y * ramp[None, :, None, None] + slope_x * ramp[None, None, :, None]
+  images += 0.1 * rng.standard_normal(images.shape)
+  return {"image": images.astype(np.float32)}
+
+
+@functools.cache
+def image_train_setup(num_devices: int = 4) -> TrainSetup:
+  return TrainSetup(jax.devices()[:num_devices], image_step_config(), image_model(), image_params())
 
 
 def flat(tree):

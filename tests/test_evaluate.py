@@ -23,18 +23,18 @@ def test_linear_probe_separates_separable_classes_and_not_shuffled_ones():
 
 
 def test_word_clips_are_padded_normalised_and_labelled():
-  train_set, test_set = evaluate.load_probe_sets()
+  train_set, test_set = evaluate.load_probe_sets(tiny_config(total_steps=1))
   assert len(train_set.labels) == 360 and len(test_set.labels) == 120
   assert train_set.class_names == test_set.class_names and len(train_set.class_names) == 12
-  assert train_set.audio.shape[1] % 320 == 0
+  assert train_set.inputs.shape[1] % 320 == 0
   # Per-utterance normalisation as fairseq's: (x - mean) / sqrt(var + 1e-5) over valid samples.
   clip = sources.load_embedded_speech_index(split="train", kind="word")[0]
   raw = sources.read_audio(clip.path, 16000)
   valid = ~train_set.padding_mask[0]
   assert valid.sum() == len(raw)
   want = (raw - raw.mean()) / np.sqrt(raw.var() + 1e-5)
-  np.testing.assert_allclose(train_set.audio[0][valid], want, rtol=1e-4, atol=1e-5)
-  assert np.all(train_set.audio[train_set.padding_mask] == 0)
+  np.testing.assert_allclose(train_set.inputs[0][valid], want, rtol=1e-4, atol=1e-5)
+  assert np.all(train_set.inputs[train_set.padding_mask] == 0)
   assert set(np.bincount(train_set.labels)) == {30}
 
 

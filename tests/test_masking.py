@@ -154,3 +154,295 @@ def test_subsample_to_count_keeps_a_subset(count):
   out = np.asarray(masking.subsample_to_count(jax.random.key(count), jnp.asarray(mask), count))
   assert (out.sum(1) == count).all()
   assert not (out & ~mask).any()
+
+
+# --- BEiT block masking (vision, spec §1.2) ---------------------------------------------------
+#
+# Reference: BEiT's `MaskingGenerator` (`masking_generator.py`, also data2vec_vision's), ported to
+# numpy. With give_up=False it keeps calling `_mask` after a call whose 10 attempts all fail
+# instead of stopping short, which is the law `block_mask` implements.
+
+
+def beit_masking_generator(rng, grid, num_masking_patches, min_num_patches, give_up=True):
+  """One BEiT mask bool[H, W] and its accepted blocks [(top, left, h, w)]."""
+  height, width = grid
+  max_num_patches = num_masking_patches
+  log_aspect_ratio = (np.log(0.3), np.log(1 / 0.3))
+  mask = np.zeros((height, width), dtype=int)
+  mask_count, blocks = 0, []
+  while mask_count < num_masking_patches:
+    max_mask_patches = min(num_masking_patches - mask_count, max_num_patches)
+    delta = 0
+    for _ in range(10):
+      # random.uniform(a, b) = a + (b - a)·random(); random.randint(a, b) includes b.
+      target_area = min_num_patches + (max_mask_patches - min_num_patches) * rng.random()
+      aspect_ratio = np.exp(log_aspect_ratio[0] + np.diff(log_aspect_ratio)[0] * rng.random())
+      h = int(round(np.sqrt(target_area * aspect_ratio)))
+      w = int(round(np.sqrt(target_area / aspect_ratio)))
+      if w < width and h < height:
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        num_masked = mask[top : top + h, left : left + w].sum()
+        if 0 < h * w - num_masked <= max_mask_patches:
+          delta += h * w - num_masked
+          mask[top : top + h, left : left + w] = 1
+          blocks.append((top, left, h, w))
+      if delta > 0:
+        break
+    if delta == 0 and give_up:
+      break
+    mask_count += delta
+  return mask.astype(bool), blocks
+
+
+@functools.cache
+def _beit_reference(num, give_up, seed):
+  rng = np.random.default_rng(seed)
+  draws = [beit_masking_generator(rng, (14, 14), 120, 16, give_up) for _ in range(num)]
+  return np.stack([m for m, _ in draws]), [b for _, b in draws]
+
+
+@functools.cache
+def _block_draws(grid, num_masked, min_block, batch, num_keys, seed=0, **kw):
+  """`num_keys` jitted block masks of `batch` rows each, bool[num_keys, batch, H·W]."""
+  fn = functools.partial(
+    masking.block_mask,
+    batch_size=batch,
+    grid=grid,
+    num_masked=num_masked,
+    min_block=min_block,
+    **kw,
+  )
+  keys = jax.random.split(jax.random.key(seed), num_keys)
+  return np.asarray(jax.jit(jax.vmap(fn))(keys))
+
+
+def _components(masks):
+  """Number of 4-connected masked regions of each bool[N, H, W] mask."""
+  from scipy import ndimage  # installed with scikit-learn
+
+  cross = np.zeros((3, 3, 3), bool)
+  cross[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # no links between masks
+  labels, _ = ndimage.label(masks, structure=cross)
+  # Labels are numbered 1, 2, ... in raster order, so mask i holds those above every earlier one.
+  highest = np.maximum.accumulate(labels.reshape(len(masks), -1).max(1))
+  return np.diff(highest, prepend=0)
+
+
+def _block_stats(masks):
+  """Shape statistics of bool[N, H, W] masks."""
+  perimeter = (masks[:, 1:] != masks[:, :-1]).sum((1, 2)) + (
+    masks[:, :, 1:] != masks[:, :, :-1]
+  ).sum((1, 2))
+  freq = masks.mean(0)  # [H, W] per-patch masking frequency
+  return {
+    "perimeter": perimeter,  # masked/unmasked neighbour pairs
+    "components": _components(masks),
+    "rows": freq.mean(1),  # [H]
+    "cols": freq.mean(0),  # [W]
+    "corners": freq[[0, 0, -1, -1], [0, -1, 0, -1]].mean(),
+  }
+
+
+def _mismatches_with_beit(masks, ref):
+  """How masks bool[N, H, W] differ from BEiT masks `ref` beyond sampling noise; [] if not.
+
+  Tolerances are ~5 standard errors for N ≈ 2000 vs 3000 draws (perimeter sd ≈ 7.5, number of
+  regions sd ≈ 0.4, one row's masked fraction sd ≈ 0.35). Uniformly random patches (perimeter
+  ≈ 174, 9 regions, flat 0.61 frequency) or a block mask whose top-left excludes the last row
+  (`randint` read as exclusive: row 13 never masked) are far outside them.
+  """
+  ours, theirs = _block_stats(masks), _block_stats(ref)
+  out = []
+  for name, tol in (("perimeter", 1.2), ("components", 0.06)):
+    diff = ours[name].mean() - theirs[name].mean()
+    if abs(diff) > tol:
+      out.append(f"mean {name} {ours[name].mean():.3f} vs BEiT {theirs[name].mean():.3f}")
+  if abs(ours["perimeter"].std() - theirs["perimeter"].std()) > 1.0:
+    out.append(f"perimeter sd {ours['perimeter'].std():.2f} vs {theirs['perimeter'].std():.2f}")
+  for name in ("rows", "cols"):
+    diff = np.abs(ours[name] - theirs[name]).max()
+    if diff > 0.045:
+      out.append(f"{name} masking frequency off by up to {diff:.3f}")
+  if abs(ours["corners"] - theirs["corners"]) > 0.03:
+    out.append(f"corner frequency {ours['corners']:.3f} vs {theirs['corners']:.3f}")
+  return out
+
+
+@pytest.mark.parametrize(
+  "grid,num_masked,min_block,batch,num_keys",
+  [((14, 14), 120, 16, 256, 8), ((8, 8), 39, 5, 5, 4), ((6, 10), 37, 5, 32, 4)],
+)
+def test_block_mask_masks_exactly_num_masked(grid, num_masked, min_block, batch, num_keys):
+  """Exact count in every row; rows and keys give different masks (a few repeats are expected
+  at 14×14: a single 10×12 block is a whole mask)."""
+  draws = _block_draws(grid, num_masked, min_block, batch, num_keys)  # [keys, B, H·W]
+  assert draws.shape == (num_keys, batch, grid[0] * grid[1]) and draws.dtype == bool
+  assert (draws.sum(-1) == num_masked).all(), np.unique(draws.sum(-1))
+  distinct = {row.tobytes() for row in draws.reshape(-1, draws.shape[-1])}
+  assert len(distinct) >= 0.98 * num_keys * batch
+  for rows in draws:
+    assert len({row.tobytes() for row in rows}) > 1
+
+
+def test_block_mask_jit_matches_vmap_over_keys():
+  """A jitted call with one key gives that key's row of the vmapped draws; a key repeats."""
+  grid, num_masked, min_block, batch = (8, 8), 39, 5, 5
+  fn = jax.jit(
+    functools.partial(
+      masking.block_mask, batch_size=batch, grid=grid, num_masked=num_masked, min_block=min_block
+    )
+  )
+  keys = jax.random.split(jax.random.key(0), 4)
+  draws = _block_draws(grid, num_masked, min_block, batch, 4)
+  np.testing.assert_array_equal(np.asarray(fn(keys[2])), draws[2])
+  np.testing.assert_array_equal(np.asarray(fn(keys[2])), np.asarray(fn(keys[2])))
+
+
+def test_block_mask_sizes_scale_the_224_numbers():
+  assert masking.block_mask_sizes(196) == (120, 16)
+  assert masking.block_mask_sizes(64) == (39, 5)  # 8×8
+  assert masking.block_mask_sizes(60) == (37, 5)  # 6×10
+  assert masking.block_mask_sizes(256) == (157, 21)  # 16×16
+  assert masking.block_mask_sizes(4) == (2, 1)  # min_block at least 1
+
+
+def test_block_mask_matches_beit_generator_statistics():
+  """14×14, 120 patches, blocks ≥ 16: mask shapes as BEiT's, and as BEiT's without the give-up.
+
+  BEiT stops when 10 proposals in a row fail (~30% of masks end short, mean 119.5); ours keeps
+  proposing, as the give_up=False port does.
+  """
+  ours = _block_draws((14, 14), 120, 16, 256, 8).reshape(-1, 14, 14)  # 2048 masks
+  beit, _ = _beit_reference(3000, True, 0)
+  beit_on, _ = _beit_reference(3000, False, 1)
+  assert 119.3 < beit.sum((1, 2)).mean() < 119.8 and (beit.sum((1, 2)) < 120).mean() > 0.2
+  assert (beit_on.sum((1, 2)) == 120).all()
+  assert _mismatches_with_beit(ours, beit_on) == []
+  assert _mismatches_with_beit(ours, beit) == []
+  # The comparison can fail: uniformly random patches, and BEiT masks moved one patch up-left
+  # (the last row and column never masked, as if BEiT's inclusive randint were exclusive).
+  rng = np.random.default_rng(2)
+  uniform = np.stack([rng.permutation(196) < 120 for _ in range(2048)]).reshape(-1, 14, 14)
+  assert len(_mismatches_with_beit(uniform, beit)) >= 5
+  moved = np.zeros_like(beit_on)
+  moved[:, :-1, :-1] = beit_on[:, 1:, 1:]
+  assert _mismatches_with_beit(moved, beit_on)
+
+
+@functools.cache
+def _blocks(max_block, batch=1024, seed=3):
+  """`_beit_blocks` at 14×14 / 120 / 16, as numpy arrays."""
+  fn = functools.partial(
+    masking._beit_blocks,
+    batch_size=batch,
+    grid=(14, 14),
+    num_masked=120,
+    min_block=16,
+    max_block=max_block,
+  )
+  return [np.asarray(x) for x in jax.jit(fn)(jax.random.key(seed))]
+
+
+@pytest.mark.parametrize("max_block", [None, 30])
+def test_accepted_blocks_follow_beit_rule(max_block):
+  """Replays every round's accepted block in numpy: in the grid, area and aspect as drawn (up to
+  the rounding of h and w), adds 1..budget new patches, and the blocks make the mask."""
+  grid, num_masked, min_block = (14, 14), 120, 16
+  cap = num_masked if max_block is None else max_block
+  mask, blocks, accepted, added, budget = (x[:256] for x in _blocks(max_block))
+  assert (mask.sum((1, 2)) == num_masked).mean() > 0.97  # the top-up is rare
+  for b in range(len(mask)):
+    replay, count = np.zeros(grid, bool), 0
+    for r in range(blocks.shape[1]):
+      assert budget[b, r] == min(num_masked - count, cap)
+      top, left, h, w = blocks[b, r]
+      if not accepted[b, r]:
+        assert added[b, r] == 0 and (blocks[b, r] == 0).all()
+        continue
+      assert 1 <= h < grid[0] and 1 <= w < grid[1]
+      assert top + h <= grid[0] and left + w <= grid[1]
+      # h = round(√(area·aspect)), w = round(√(area/aspect)), area ∈ [lo, hi], aspect ∈ [0.3, 1/0.3]
+      lo, hi = sorted((min_block, budget[b, r]))
+      assert (h - 0.5) * (w - 0.5) <= hi and (h + 0.5) * (w + 0.5) >= lo, (h, w, lo, hi)
+      assert (h - 0.5) / (w + 0.5) <= 1 / 0.3 and (h + 0.5) / (w - 0.5) >= 0.3, (h, w)
+      new = h * w - replay[top : top + h, left : left + w].sum()
+      assert new == added[b, r] and 0 < new <= budget[b, r]
+      replay[top : top + h, left : left + w] = True
+      count += new
+    np.testing.assert_array_equal(replay, mask[b])
+
+
+def test_blocks_match_beit_blocks():
+  """First block (empty mask, area ~ U(16, 120)): h, w, area and log aspect as BEiT's (a linear
+  instead of log-uniform aspect moves the mean log(h/w) by ~0.5); blocks per mask as the
+  give_up=False port (BEiT's own stops earlier: 6.5 vs 6.8)."""
+  _, blocks, accepted, _, _ = _blocks(None)
+  assert accepted[:, 0].all()
+  h, w = blocks[:, 0, 2].astype(float), blocks[:, 0, 3].astype(float)
+  _, ref_blocks = _beit_reference(3000, True, 0)
+  ref = np.array([b[0] for b in ref_blocks], float)
+  ref_h, ref_w = ref[:, 2], ref[:, 3]
+  # sd: h, w ≈ 2.3, h·w ≈ 28, log(h/w) ≈ 0.7, blocks per mask ≈ 2.3. Tolerances ~5 standard
+  # errors of the difference (1024 vs 3000 draws).
+  assert abs(h.mean() - ref_h.mean()) < 0.4, (h.mean(), ref_h.mean())
+  assert abs(w.mean() - ref_w.mean()) < 0.4, (w.mean(), ref_w.mean())
+  assert abs((h * w).mean() - (ref_h * ref_w).mean()) < 5.0
+  assert abs(np.log(h / w).mean() - np.log(ref_h / ref_w).mean()) < 0.12
+  assert abs(np.log(h / w).std() - np.log(ref_h / ref_w).std()) < 0.08
+  _, ref_on_blocks = _beit_reference(3000, False, 1)
+  ref_count = np.array([len(b) for b in ref_on_blocks])
+  assert abs(accepted.sum(1).mean() - ref_count.mean()) < 0.4, accepted.sum(1).mean()
+
+
+def test_block_mask_top_up_grows_the_blocks():
+  """With 1 round most masks fall short: the top-up keeps the blocks and adds neighbours of the
+  mask first, then patches two steps away, then any."""
+  grid = (14, 14)
+  kw = dict(batch_size=64, grid=grid, num_masked=120, min_block=16, rounds=1)
+
+  @jax.jit
+  def both(key):
+    blocks_key, _ = jax.random.split(key)  # the key block_mask gives _beit_blocks
+    return masking.block_mask(key, **kw), masking._beit_blocks(blocks_key, **kw)[0]
+
+  out, blocks = (np.asarray(x).reshape(-1, *grid) for x in both(jax.random.key(1)))
+  assert (out.sum((1, 2)) == 120).all()
+  assert (blocks.sum((1, 2)) < 120).mean() > 0.5
+  assert not (blocks & ~out).any(), "top-up dropped a block patch"
+  near = np.asarray(masking._grow(jnp.asarray(blocks)))
+  nearish = np.asarray(masking._grow(jnp.asarray(near)))
+  for outer, inner in ((nearish, near), (np.ones_like(near), nearish)):
+    # A row that took any patch of the outer ring took all of the inner one.
+    took_outer = (out & outer & ~inner).any((1, 2))
+    assert took_outer.any(), "the test should reach the outer rings"
+    assert (out | ~inner)[took_outer].all()
+
+
+def test_block_mask_edge_counts():
+  """No mask; the whole 8×8 grid (blocks are narrower than the grid: the top-up completes it)."""
+
+  @jax.jit
+  def draw(key):
+    kw = dict(batch_size=6, grid=(8, 8), min_block=5)
+    return masking.block_mask(key, num_masked=0, **kw), masking.block_mask(key, num_masked=64, **kw)
+
+  none, full = (np.asarray(x) for x in draw(jax.random.key(0)))
+  assert not none.any() and full.all()
+  with pytest.raises(ValueError):
+    masking.block_mask(jax.random.key(0), 2, (8, 8), num_masked=65, min_block=5)
+
+
+def test_block_mask_sharded_output_matches_unsharded():
+  """Batch-sharded output (as in the train step): the same masks as on one device."""
+  mesh = sharding.make_mesh()
+  fn = functools.partial(
+    masking.block_mask, batch_size=8, grid=(14, 14), num_masked=120, min_block=16
+  )
+  key = jax.random.key(6)
+  sharded = jax.jit(
+    fn, in_shardings=sharding.replicated(mesh), out_shardings=sharding.batch_sharded(mesh)
+  )(key)
+  assert len(sharded.addressable_shards) == 4
+  unsharded = jax.jit(fn)(jax.device_put(key, jax.devices()[0]))
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(unsharded))

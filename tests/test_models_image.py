@@ -32,6 +32,7 @@ def image_model_config(**overrides) -> ml_collections.ConfigDict:
     attention_dropout=0.0,
     drop_path_rate=0.0,
     layer_scale_init=0.1,
+    layer_norm_eps=1e-6,
   )
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)

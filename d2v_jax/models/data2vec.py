@@ -86,6 +86,7 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
       attention_dropout=model_cfg.attention_dropout,
       drop_path_rate=model_cfg.drop_path_rate,
       layer_scale_init=model_cfg.layer_scale_init,
+      layer_norm_eps=model_cfg.layer_norm_eps,
       dtype=dtype,
     )
     # BEiT: the mask token and lm_head are N(0, 0.02) like every other Linear.

@@ -1,0 +1,163 @@
+"""data2vec 1.0 image pretraining (spec §1, vision columns; BEiT ViT).
+
+    python main.py --config=configs/image.py --workdir=runs/image_tiny
+    python main.py --config=configs/image.py:variant=base --workdir=runs/image_base \
+        --config.input.source=tfds --config.input.path=imagenet2012 \
+        --config.input.tfds_data_dir=/data/tfds
+
+Arguments after the colon: `variant=tiny|base|large` (default tiny: a small ViT on the embedded
+digits, 8×8 scans upsampled to 32² and cut into 4×4 patches). Any field can be overridden with
+`--config.<group>.<field>=value`; unknown fields are an error. `config.model.image_size` is shared
+with `config.input.image_size`: overriding one sets both.
+"""
+
+import ml_collections
+
+from configs import common
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def _epochs_to_steps(epochs: float, batch: int, num_images: int = IMAGENET_TRAIN_IMAGES) -> int:
+  return int(epochs * (num_images // batch))
+
+
+# Per variant: train steps, global batch, peak LR, warm-up steps, EMA decay, LayerScale init,
+# stochastic depth, attention dropout, top-K target blocks.
+_RECIPES = {
+  # CPU run on the embedded digits (1,442 training scans): see the README for its probe result.
+  "tiny": dict(
+    steps=1500,
+    batch=64,
+    lr=2e-3,
+    warmup=150,
+    ema=0.998,
+    layer_scale=0.1,
+    drop_path=0.0,
+    attention_dropout=0.0,
+    top_k=2,
+  ),
+  # spec §1.5, data2vec_vision README: ViT-B/16, 800 epochs at batch 2048, LR 2e-3 with 10 warm-up
+  # epochs, EMA constant 0.9998, LayerScale 0.1 (run_cyclical's default for base), drop path 0.25.
+  "base": dict(
+    steps=_epochs_to_steps(800, 2048),
+    batch=2048,
+    lr=2e-3,
+    warmup=_epochs_to_steps(10, 2048),
+    ema=0.9998,
+    layer_scale=0.1,
+    drop_path=0.25,
+    attention_dropout=0.05,
+    top_k=6,
+  ),
+  # ViT-L/16: 800 epochs at batch 4096 (README; the paper says 8192), LR 1e-3, 80 warm-up
+  # epochs, LayerScale 1e-5, drop path 0.2, attention dropout 0.15. (The paper then trains 800
+  # more epochs from this result at EMA 0.9999 with 40 warm-up epochs: a second run.)
+  "large": dict(
+    steps=_epochs_to_steps(800, 4096),
+    batch=4096,
+    lr=1e-3,
+    warmup=_epochs_to_steps(80, 4096),
+    ema=0.9998,
+    layer_scale=1e-5,
+    drop_path=0.2,
+    attention_dropout=0.15,
+    top_k=6,
+  ),
+}
+
+# BEiT-style block masking of 120 of 196 patches at 224² (about 61%), blocks of >= 16 patches;
+# other grids keep the same fractions (masking.block_mask_sizes).
+_MASKED_PATCHES, _MIN_BLOCK, _REFERENCE_PATCHES = 120, 16, 196
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, variant="tiny")
+  recipe = _RECIPES[arg.variant]
+  image_size = ml_collections.FieldReference(32 if arg.variant == "tiny" else 224)
+  config = ml_collections.ConfigDict()
+  config.mode = "pretrain"
+  config.modality = "image"
+  config.version = 1
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant=arg.variant,
+      image_size=image_size,
+      patch_size=4 if arg.variant == "tiny" else 16,
+      dropout=0.0,
+      attention_dropout=recipe["attention_dropout"],
+      drop_path_rate=recipe["drop_path"],
+      layer_scale_init=recipe["layer_scale"],
+      layer_norm_eps=1e-6,  # BEiT's; HF's converted checkpoints keep HF's default 1e-12
+      dtype="float32",  # compute dtype; parameters stay float32
+    )
+  )
+  config.masking = ml_collections.ConfigDict(
+    dict(
+      masked_patches=_MASKED_PATCHES,  # of `reference_patches`; scaled to the model's grid
+      min_block=_MIN_BLOCK,
+      reference_patches=_REFERENCE_PATCHES,
+      min_aspect=0.3,  # block aspect ratios in [0.3, 1/0.3]
+    )
+  )
+  config.targets = ml_collections.ConfigDict(
+    dict(
+      top_k=recipe["top_k"],
+      layer_output="block",  # end of block, after the FFN residual (`--layer_results end`)
+      layer_norm="layer",  # each block's output LayerNorm'd over D without affine
+      final_norm="layer",  # and the average LayerNorm'd again
+    )
+  )
+  # Smooth-L1 with beta 2, averaged over tokens and dimensions, no extra scale (spec §1.3).
+  config.loss = ml_collections.ConfigDict(dict(beta=2.0, scale=1.0, reduce_dims="mean"))
+  config.ema = ml_collections.ConfigDict(
+    dict(
+      decay=recipe["ema"],
+      end_decay=recipe["ema"],  # constant: data2vec_vision never uses its ramp (ema_start_at 0)
+      anneal_steps=0,
+      # spec §1.4: the whole model is EMA'd (timm ModelEmaV2); nothing is shared or copied.
+      teacher_params=("frontend", "mask_emb", "encoder", "final_proj"),
+      copy_params=(),
+    )
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      name="adam",
+      lr=recipe["lr"],
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      decay_1d=False,  # no decay on 1-D parameters and biases...
+      no_decay=(r"rel_pos_bias/table$",),  # ...nor on the position table (cls/mask are 1-D)
+      clip_norm=3.0,
+      schedule="cosine",
+      warmup_steps=recipe["warmup"],
+      end_lr=1e-5,
+    )
+  )
+  config.input = ml_collections.ConfigDict(
+    dict(
+      source="embedded",  # embedded (scikit-learn digits) | folder | tfds
+      path="",  # image folder, or TFDS dataset name
+      split="train",
+      tfds_data_dir="",
+      tfds_feature="image",
+      image_size=image_size,
+      batch_size=recipe["batch"],  # global batch, split across processes and devices
+      crop_scale=(0.08, 1.0),  # RandomResizedCrop area range
+      crop_ratio=(3 / 4, 4 / 3),
+      flip=True,
+      color_jitter=0.4,  # brightness/contrast/saturation strength; 0 = off
+      mean=(0.485, 0.456, 0.406),  # ImageNet statistics, as data2vec_vision
+      std=(0.229, 0.224, 0.225),
+      num_workers=0,
+    )
+  )
+  config.loop = common.loop_config(recipe["steps"])
+  config.probe = ml_collections.ConfigDict(
+    dict(enabled=True, every=500, seeds=(0, 1, 2), batch_size=64, l2=1e-3)
+  )
+  return config

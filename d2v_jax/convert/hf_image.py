@@ -1,0 +1,476 @@
+"""HF transformers `Data2VecVisionModel` <-> d2v-jax image model (spec §1.1 vision, §4 HF names).
+
+Pure numpy; torch is never imported. Inputs are the HF config as a dict (`config.to_dict()` or the
+checkpoint's `config.json`) and the state dict as numpy arrays (e.g.
+`safetensors.numpy.load_file("model.safetensors")`).
+
+- `config_from_hf`: HF config -> our `config.model` (variant, explicit sizes, image and patch size,
+  dropouts, LayerScale init, `layer_norm_eps`, dtype). Layouts our model does not implement raise
+  instead of being approximated: absolute position embeddings, per-layer relative position bias
+  tables (`use_relative_position_bias`, the fine-tuned checkpoints), mean pooling (no final
+  LayerNorm on the sequence), non-square images or patches, activations other than exact GELU.
+- `params_from_hf`: HF state dict -> our `params` tree. Every key must map and every expected key
+  must be present with its exact shape; otherwise one `ConversionError` lists all offending keys.
+- `build_from_hf`: both, plus our model and a complete parameter tree, ready for `model.apply`.
+- `params_to_hf` / `hf_config_from_params`: the inverse, our `params` -> HF state dict and config.
+
+Our model is the data2vec pretraining layout, which HF's conversion script gives the released
+pretrained checkpoints (`facebook/data2vec-vision-{base,large}`): a shared relative position bias,
+no absolute position embedding, `use_mean_pooling=False` (HF's `layernorm` is our `final_norm`, on
+every position). Those checkpoints keep HF's default `layer_norm_eps=1e-12` where the original
+model used 1e-6; `config_from_hf` passes the checkpoint's value on as `layer_norm_eps`, which
+`build_model` applies.
+
+Parameters without an HF counterpart: our `final_proj` (data2vec's regression head `lm_head`; HF
+converts only the encoder), and `mask_emb` when the HF model has no `embeddings.mask_token`
+(`use_mask_token=False`, as in the released checkpoints). `params_from_hf` leaves them out unless
+`init_params` (a freshly initialised tree of our model) is passed, in which case they are taken
+from it; `build_from_hf` always does that. Either way they are never silently invented.
+
+Layouts: torch Conv2d [D, C, p, p] -> Flax Conv [p, p, C, D] (both cross-correlate, and HF
+flattens the patch grid row-major like our `reshape`); Linear [out, in] -> Dense [in, out]; q/k/v
+Linear -> DenseGeneral [D, H, Dh] (torch splits heads as `view(..., H, Dh)`, so output unit h*Dh+d
+is head h, dim d); attention output -> [H, Dh, D]; CLS and mask tokens [1, 1, D] -> [D]. The
+relative position bias table is used as is: HF's `generate_relative_position_index` and our
+`image.relative_position_index` agree (tested), so no row permutation is needed. Older HF
+checkpoints also store that index as `encoder.relative_position_bias.relative_position_index`; it
+is not a parameter of ours, and it is checked against our index, not converted.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from d2v_jax.convert import hf_audio
+from d2v_jax.models import data2vec, image, variants
+
+# One error type for every converter: `except ConversionError` catches audio and image alike.
+ConversionError = hf_audio.ConversionError
+
+# Top-level entries of our tree that HF never provides (see the module docstring).
+NOT_IN_HF = ("final_proj",)
+
+# Prefix of the base model inside HF task models (`Data2VecVisionForImageClassification`,
+# `...ForSemanticSegmentation`): pass it as `prefix`.
+TASK_MODEL_PREFIX = "data2vec_vision."
+
+# The LayerNorm eps of the original BEiT / data2vec vision model and the default of our encoder.
+ORIGINAL_LAYER_NORM_EPS = 1e-6
+
+# Buffers of older HF checkpoints: not parameters, checked against our index instead.
+_INDEX_KEY = "encoder.relative_position_bias.relative_position_index"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  path: tuple[str, ...]  # path in our params tree
+  hf_shape: tuple[int, ...]  # expected shape in the state dict
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _get(hf_config: Any) -> dict:
+  return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+
+
+def _side(value) -> int | None:
+  """HF `image_size` / `patch_size` (an int or an (h, w) pair) -> the side if square, else None."""
+  if isinstance(value, int):
+    return value
+  value = list(value)
+  return int(value[0]) if len(value) == 2 and value[0] == value[1] else None
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """HF `Data2VecVisionConfig` (as a dict) -> our `config.model` for `build_model`.
+
+  Raises:
+    ConversionError: if the HF config uses an option our model does not implement.
+  """
+  c = _get(hf_config)
+  problems = []
+
+  def require(ok, message):
+    if not ok:
+      problems.append(message)
+
+  model_type = c.get("model_type", "data2vec-vision")
+  require(model_type == "data2vec-vision", f"model_type is {model_type!r}, not 'data2vec-vision'")
+  image_size, patch_size = _side(c.get("image_size", 224)), _side(c.get("patch_size", 16))
+  require(image_size is not None, f"image_size {c.get('image_size')} is not square (ours is)")
+  require(patch_size is not None, f"patch_size {c.get('patch_size')} is not square (ours is)")
+  if image_size and patch_size:
+    require(
+      image_size % patch_size == 0,
+      f"image_size {image_size} is not a multiple of patch_size {patch_size}",
+    )
+  require(
+    c.get("hidden_act", "gelu") == "gelu",
+    f"hidden_act is {c.get('hidden_act')!r}; ours is exact (erf) GELU",
+  )
+  require(
+    not c.get("use_absolute_position_embeddings", False),
+    "use_absolute_position_embeddings=True (our encoder has no absolute position embedding)",
+  )
+  require(
+    not c.get("use_relative_position_bias", False),
+    "use_relative_position_bias=True: per-layer relative position bias tables (the fine-tuned "
+    "checkpoints) are not supported; our ImageEncoder has one table shared by all blocks "
+    "(use_shared_relative_position_bias=True)",
+  )
+  require(
+    c.get("use_shared_relative_position_bias", False),
+    "use_shared_relative_position_bias=False: our ImageEncoder always adds one shared relative "
+    "position bias table",
+  )
+  require(
+    not c.get("use_mean_pooling", True),
+    "use_mean_pooling=True: HF then applies no final LayerNorm to the sequence (it normalises the "
+    "patch mean in the pooler instead); our encoder always ends with final_norm on every position "
+    "(the pretraining layout, use_mean_pooling=False)",
+  )
+  dim, heads = c["hidden_size"], c["num_attention_heads"]
+  require(dim % heads == 0, f"hidden_size {dim} not divisible by num_attention_heads {heads}")
+  layer_scale = float(c.get("layer_scale_init_value", 0.1))
+  require(layer_scale >= 0, f"layer_scale_init_value {layer_scale} < 0")
+  if problems:
+    raise ConversionError("Unsupported Data2VecVision config:\n  " + "\n  ".join(problems))
+
+  sizes = dict(
+    num_layers=c["num_hidden_layers"],
+    dim=dim,
+    num_heads=heads,
+    mlp_dim=c["intermediate_size"],
+    image_size=image_size,
+    patch_size=patch_size,
+  )
+  # The explicit sizes override the variant's in `build_model`; the variant is only a label, so
+  # name the one that matches if any.
+  variant = next(
+    (v for v in ("tiny", "base", "large") if variants.decode_variant("image", v) == sizes), "base"
+  )
+  return ml_collections.ConfigDict(
+    dict(
+      variant=variant,
+      **sizes,
+      dropout=float(c.get("hidden_dropout_prob", 0.0)),
+      attention_dropout=float(c.get("attention_probs_dropout_prob", 0.0)),
+      drop_path_rate=float(c.get("drop_path_rate", 0.1)),
+      # HF creates lambda_1/lambda_2 only if this is > 0, and so do we (`Block.layer_scale_init`).
+      layer_scale_init=layer_scale,
+      layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
+      dtype="float32",
+    )
+  )
+
+
+def _expected_keys(c: dict) -> dict[str, _Entry]:
+  """Every HF key of a Data2VecVisionModel with `c`, its expected shape and its conversions."""
+  dim, heads, mlp = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
+  head_dim = dim // heads
+  patch, channels = _side(c.get("patch_size", 16)), c.get("num_channels", 3)
+  side = _side(c.get("image_size", 224)) // patch
+  keys = {}
+
+  def add(hf_name, path, hf_shape, to_ours=lambda w: w, to_hf=lambda w: w):
+    keys[hf_name] = _Entry(tuple(path.split("/")), tuple(hf_shape), to_ours, to_hf)
+
+  def add_linear(hf_name, path, out_dim, in_dim, bias=True):
+    add(f"{hf_name}.weight", f"{path}/kernel", (out_dim, in_dim), lambda w: w.T, lambda w: w.T)
+    if bias:
+      add(f"{hf_name}.bias", f"{path}/bias", (out_dim,))
+
+  def add_norm(hf_name, path):
+    add(f"{hf_name}.weight", f"{path}/scale", (dim,))
+    add(f"{hf_name}.bias", f"{path}/bias", (dim,))
+
+  token = dict(to_ours=lambda w: w.reshape(dim), to_hf=lambda w: w.reshape(1, 1, dim))
+  add("embeddings.cls_token", "encoder/cls_token", (1, 1, dim), **token)
+  if c.get("use_mask_token", False):
+    add("embeddings.mask_token", "mask_emb", (1, 1, dim), **token)
+  add(
+    "embeddings.patch_embeddings.projection.weight",
+    "frontend/patch_embed/projection/kernel",
+    (dim, channels, patch, patch),
+    lambda w: w.transpose(2, 3, 1, 0),  # [D, C, p, p] -> [p, p, C, D]
+    lambda w: w.transpose(3, 2, 0, 1),
+  )
+  add("embeddings.patch_embeddings.projection.bias", "frontend/patch_embed/projection/bias", (dim,))
+  add(
+    "encoder.relative_position_bias.relative_position_bias_table",
+    "encoder/rel_pos_bias/table",
+    (image.num_relative_positions((side, side)), heads),
+  )
+
+  for i in range(c["num_hidden_layers"]):
+    hf, ours = f"encoder.layer.{i}", f"encoder/blocks/layer_{i:02d}"
+    if c.get("layer_scale_init_value", 0.1) > 0:
+      add(f"{hf}.lambda_1", f"{ours}/attention_scale", (dim,))
+      add(f"{hf}.lambda_2", f"{ours}/ffn_scale", (dim,))
+    for name in ("query", "key", "value"):
+      add(
+        f"{hf}.attention.attention.{name}.weight",
+        f"{ours}/attention/{name}/kernel",
+        (dim, dim),
+        lambda w: w.T.reshape(dim, heads, head_dim),
+        lambda w: w.reshape(dim, dim).T,
+      )
+      if name != "key":  # BEiT: q and v biases only
+        add(
+          f"{hf}.attention.attention.{name}.bias",
+          f"{ours}/attention/{name}/bias",
+          (dim,),
+          lambda b: b.reshape(heads, head_dim),
+          lambda b: b.reshape(dim),
+        )
+    add(
+      f"{hf}.attention.output.dense.weight",
+      f"{ours}/attention/out/kernel",
+      (dim, dim),
+      lambda w: w.T.reshape(heads, head_dim, dim),
+      lambda w: w.reshape(dim, dim).T,
+    )
+    add(f"{hf}.attention.output.dense.bias", f"{ours}/attention/out/bias", (dim,))
+    add_norm(f"{hf}.layernorm_before", f"{ours}/attention_norm")
+    add_norm(f"{hf}.layernorm_after", f"{ours}/ffn_norm")
+    add_linear(f"{hf}.intermediate.dense", f"{ours}/fc1", mlp, dim)
+    add_linear(f"{hf}.output.dense", f"{ours}/fc2", dim, mlp)
+
+  add_norm("layernorm", "encoder/final_norm")
+  return keys
+
+
+def _hints(unknown: list[str], prefix: str) -> list[str]:
+  """Explanations for common kinds of unknown keys."""
+  hints = []
+
+  def any_key(*parts):
+    return any(part in k for k in unknown for part in parts)
+
+  if any_key("attention.attention.relative_position_bias."):
+    hints.append(
+      "hint: per-layer relative position bias tables (fine-tuned checkpoints, "
+      "use_relative_position_bias=True) are not supported; our ImageEncoder has one table shared "
+      "by all blocks"
+    )
+  if any_key("position_embeddings"):
+    hints.append("hint: absolute position embeddings are not supported")
+  if any_key("pooler.layernorm"):
+    hints.append("hint: a pooler LayerNorm means use_mean_pooling=True, which is not supported")
+  if any_key("feature_extractor.", "feature_projection.", "masked_spec_embed", "encoder.layers."):
+    hints.append("hint: this looks like a Data2VecAudio state dict (see d2v_jax.convert.hf_audio)")
+  if any_key("word_embeddings"):
+    hints.append("hint: this looks like a Data2VecText state dict")
+  if not prefix and any(k.startswith(TASK_MODEL_PREFIX) for k in unknown):
+    hints.append(f"hint: task-model keys; pass prefix={TASK_MODEL_PREFIX!r}")
+  if prefix and any(not k.startswith(prefix) for k in unknown):
+    hints.append(f"hint: keys outside {prefix!r} (task heads) must be dropped before converting")
+  return hints
+
+
+def params_from_hf(
+  state_dict: Mapping[str, Any],
+  hf_config: Mapping[str, Any],
+  *,
+  init_params: Mapping[str, Any] | None = None,
+  prefix: str = "",
+) -> dict:
+  """HF `Data2VecVisionModel` state dict -> our `params` tree (the `params` collection).
+
+  Args:
+    state_dict: HF name -> array (numpy, or anything `np.asarray` accepts).
+    hf_config: the HF config as a dict.
+    init_params: optional freshly initialised `params` of our model with the same config. If given,
+      the result is complete: entries HF lacks (`final_proj`, and `mask_emb` if the HF model has no
+      `embeddings.mask_token`) are copied from it, and every converted leaf is checked against its
+      shape (leaves that HF replaces may be `jax.ShapeDtypeStruct`s). If None, the result holds
+      only what HF provides.
+    prefix: prefix of the base-model keys, e.g. `TASK_MODEL_PREFIX` for a
+      `Data2VecVisionForImageClassification` state dict. Keys outside it (task heads) are reported
+      as unknown, not dropped.
+
+  Returns:
+    A nested dict of float32 numpy arrays.
+
+  Raises:
+    ConversionError: listing every unknown, missing or mis-shaped key (and a stored
+      `relative_position_index` that differs from ours).
+  """
+  c = _get(hf_config)
+  config_from_hf(c)  # validates the architecture before we trust its sizes
+  expected = _expected_keys(c)
+  side = _side(c.get("image_size", 224)) // _side(c.get("patch_size", 16))
+
+  given, unknown, bad_index = {}, [], []
+  for key, value in state_dict.items():
+    name = key[len(prefix) :] if key.startswith(prefix) else None
+    if name in expected:
+      given[name] = value
+    elif name == _INDEX_KEY:
+      ours = image.relative_position_index((side, side))
+      if np.shape(value) != ours.shape or not np.array_equal(np.asarray(value), ours):
+        bad_index.append(f"{key}: differs from image.relative_position_index({(side, side)})")
+    else:
+      unknown.append(key)
+  missing = [prefix + k for k in expected if k not in given]
+  misshaped = [
+    f"{prefix + k}: got {tuple(np.shape(v))}, expected {expected[k].hf_shape}"
+    for k, v in given.items()
+    if tuple(np.shape(v)) != expected[k].hf_shape
+  ]
+  if unknown or missing or misshaped or bad_index:
+    lines = []
+    if unknown:
+      lines.append(f"unknown keys ({len(unknown)}): " + ", ".join(sorted(unknown)))
+      lines += _hints(unknown, prefix)
+    if missing:
+      lines.append(f"missing keys ({len(missing)}): " + ", ".join(sorted(missing)))
+    if misshaped:
+      lines.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(sorted(misshaped)))
+    lines += bad_index
+    raise ConversionError("HF Data2VecVision state dict does not match:\n  " + "\n  ".join(lines))
+
+  flat = {
+    expected[k].path: expected[k].to_ours(np.asarray(v, dtype=np.float32)) for k, v in given.items()
+  }
+  if init_params is not None:
+    flat = _merge(flat, init_params)
+  return traverse_util.unflatten_dict(flat)
+
+
+def _merge(converted: dict, init_params: Mapping[str, Any]) -> dict:
+  """Completes `converted` from `init_params`; every leaf must line up in path and shape."""
+  init = traverse_util.flatten_dict(dict(init_params))
+  problems = [
+    f"{'/'.join(p)}: converted {v.shape}, model {np.shape(init[p])}"
+    for p, v in converted.items()
+    if p in init and v.shape != np.shape(init[p])
+  ]
+  problems += [f"{'/'.join(p)}: not in the model" for p in converted if p not in init]
+  allowed = {(name,) for name in NOT_IN_HF} | {("mask_emb",)}
+  for p in init:
+    if p not in converted and p[:1] not in allowed:
+      problems.append(f"{'/'.join(p)}: in the model but not filled by the converter")
+  if problems:
+    raise ConversionError("Converted tree does not match the model:\n  " + "\n  ".join(problems))
+  return {p: converted.get(p, np.asarray(init[p])) for p in init}
+
+
+def init_shapes_and_head(
+  model: data2vec.Data2Vec, model_cfg: ml_collections.ConfigDict, num_channels: int, seed: int
+) -> dict:
+  """`init_params` for `params_from_hf`: the full tree as shapes, real values for what HF lacks.
+
+  Only shapes (tracing, no XLA compile) for what HF replaces; running just `predict` creates
+  `final_proj` and, through `setup`, `mask_emb`; flax derives each module's init RNG from its
+  path, so they equal a full `model.init` with the same seed.
+  """
+  rngs = {"params": jax.random.key(seed)}
+  images = jnp.zeros((1, model_cfg.image_size, model_cfg.image_size, num_channels))
+  shapes = jax.eval_shape(lambda: model.init(rngs, images, None))["params"]
+  head = model.init(rngs, jnp.zeros((1, model_cfg.dim)), method="predict")["params"]
+  return {**shapes, **jax.device_get(head)}
+
+
+def build_from_hf(
+  state_dict: Mapping[str, Any],
+  hf_config: Mapping[str, Any],
+  *,
+  seed: int = 0,
+  prefix: str = "",
+) -> tuple[data2vec.Data2Vec, ml_collections.ConfigDict, dict]:
+  """Builds our image model from an HF checkpoint: (model, model config, complete params).
+
+  `final_proj` (and `mask_emb` if HF has none) come from our own initialisation with `seed`. The
+  model takes NHWC images of `model_cfg.image_size`² with HF's `num_channels` channels (HF takes
+  NCHW `pixel_values`).
+  """
+  model_cfg = config_from_hf(hf_config)
+  model = data2vec.build_model("image", model_cfg)
+  num_channels = _get(hf_config).get("num_channels", 3)
+  init_params = init_shapes_and_head(model, model_cfg, num_channels, seed)
+  params = params_from_hf(state_dict, hf_config, init_params=init_params, prefix=prefix)
+  return model, model_cfg, params
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_config_from_params(
+  params: Mapping[str, Any], *, layer_norm_eps: float = ORIGINAL_LAYER_NORM_EPS
+) -> dict:
+  """The `Data2VecVisionConfig` fields (as a dict) of an HF model that holds our `params`.
+
+  Sizes are read off the parameter shapes; the layout is the shared-bias pretraining one. Pass the
+  model's `layer_norm_eps` if it is not 1e-6. Dropouts are 0 (set them for fine-tuning).
+  """
+  blocks = params["encoder"]["blocks"]
+  layer = blocks["layer_00"]
+  dim, heads, _ = np.shape(layer["attention"]["query"]["kernel"])
+  patch, _, channels, _ = np.shape(params["frontend"]["patch_embed"]["projection"]["kernel"])
+  rows = np.shape(params["encoder"]["rel_pos_bias"]["table"])[0]
+  side = (math.isqrt(rows - 3) + 1) // 2
+  if image.num_relative_positions((side, side)) != rows:
+    raise ConversionError(f"relative position table of {rows} rows fits no square grid")
+  scales = {np.shape(b.get("attention_scale", ())) for b in blocks.values()}
+  if len(scales) != 1:
+    raise ConversionError("LayerScale is present in some blocks only")
+  return dict(
+    model_type="data2vec-vision",
+    hidden_size=int(dim),
+    num_hidden_layers=len(blocks),
+    num_attention_heads=int(heads),
+    intermediate_size=int(np.shape(layer["fc1"]["kernel"])[1]),
+    hidden_act="gelu",
+    image_size=int(side * patch),
+    patch_size=int(patch),
+    num_channels=int(channels),
+    layer_norm_eps=float(layer_norm_eps),
+    # The value only decides whether lambda_1/lambda_2 exist; the state dict overwrites them.
+    layer_scale_init_value=0.1 if "attention_scale" in layer else 0.0,
+    use_mask_token="mask_emb" in params,
+    use_shared_relative_position_bias=True,
+    use_relative_position_bias=False,
+    use_absolute_position_embeddings=False,
+    use_mean_pooling=False,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    drop_path_rate=0.0,
+  )
+
+
+def params_to_hf(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
+  """Our image `params` -> an HF `Data2VecVisionModel` state dict (float32 numpy arrays).
+
+  The inverse of `params_from_hf` for the config `hf_config_from_params(params)`; `final_proj`
+  has no HF counterpart and is dropped. `prefix` (e.g. `TASK_MODEL_PREFIX`) is prepended to every
+  key.
+
+  Raises:
+    ConversionError: if `params` has leaves this mapping does not cover (other than
+      `final_proj`), or lacks some it needs.
+  """
+  flat = traverse_util.flatten_dict(dict(params))
+  expected = _expected_keys(hf_config_from_params(params))
+  paths = {e.path for e in expected.values()}
+  extra = [p for p in flat if p not in paths and p[:1] not in {(n,) for n in NOT_IN_HF}]
+  absent = [e.path for e in expected.values() if e.path not in flat]
+  if extra or absent:
+    raise ConversionError(
+      "params do not match an HF Data2VecVision model:\n  "
+      + "\n  ".join(
+        [f"no HF counterpart: {'/'.join(p)}" for p in extra]
+        + [f"missing: {'/'.join(p)}" for p in absent]
+      )
+    )
+  return {
+    prefix + k: np.ascontiguousarray(e.to_hf(np.asarray(flat[e.path], dtype=np.float32)))
+    for k, e in expected.items()
+  }
