@@ -48,6 +48,7 @@ _RESUMABLE_MODEL_FIELDS = (
   "attention_dropout",
   "activation_dropout",
   "layerdrop",
+  "drop_path_rate",
   "dtype",
   "feature_grad_mult",
 )

@@ -5,7 +5,9 @@ over valid positions (frames, or patches: an image model's CLS is not among them
 layers are averaged, standardised with training statistics, and a softmax classifier is fitted
 with Adam on the training split and scored on the held-out split. Probe sets:
 - speech: the embedded spoken words, train/test split by voice (speaker-independent);
-- images: the embedded digits, resized whole to the model's resolution, stratified split.
+- images: the embedded digits, resized whole to the model's resolution, stratified split;
+- text: the embedded King James Bible's verses labelled by genre (6 classes), train and test
+  chapters disjoint; a fixed, class-stratified subset of each split keeps the probe cheap.
 
 The classifier's seed sets its initialisation and minibatch order; results are reported per seed
 and as the mean, for the pretrained encoder and for the same encoder at initialisation.
@@ -21,7 +23,8 @@ from absl import logging
 
 from d2v_jax.data import audio as audio_data
 from d2v_jax.data import image as image_data
-from d2v_jax.data import sources
+from d2v_jax.data import sources, text_corpus
+from d2v_jax.data import text as text_data
 
 _FRAME_STRIDE = 320  # the conv stack's hop: pad clips to whole frames
 
@@ -163,6 +166,36 @@ def load_digit_images(config) -> tuple[ProbeData, ProbeData]:
   return tuple(ProbeData(d.images, None, d.labels, tuple(d.class_names)) for d in (train, test))
 
 
+def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+  """Sorted indices of about `size` examples, the same share of every class, fixed by `seed`."""
+  if size <= 0 or size >= len(labels):
+    return np.arange(len(labels))
+  rng = np.random.default_rng(seed)
+  keep = []
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    count = max(1, round(size * len(members) / len(labels)))
+    keep.append(rng.choice(members, count, replace=False))
+  return np.sort(np.concatenate(keep))
+
+
+def load_verses(config) -> tuple[ProbeData, ProbeData]:
+  """Genre-labelled verses of the embedded corpus, tokenized as `<s> verse </s>`, padded."""
+  tokenizer = text_data.load_tokenizer_for(config.input)
+  sets = []
+  for data, size in zip(
+    text_corpus.load_embedded_probe_sets(),
+    (config.probe.max_train, config.probe.max_test),
+    strict=True,
+  ):
+    keep = stratified_subset(data.labels, size)
+    tokens, padding = text_data.encode_for_probe(
+      [data.texts[i] for i in keep], tokenizer, config.model.max_positions
+    )
+    sets.append(ProbeData(tokens, padding, data.labels[keep], tuple(data.class_names)))
+  return tuple(sets)
+
+
 def load_probe_sets(config) -> tuple[ProbeData, ProbeData]:
   """(train, test) probe data of `config.modality`'s embedded set."""
   if config.modality == "audio":
@@ -171,4 +204,6 @@ def load_probe_sets(config) -> tuple[ProbeData, ProbeData]:
     return train, test
   if config.modality == "image":
     return load_digit_images(config)
+  if config.modality == "text":
+    return load_verses(config)
   raise ValueError(f"No probe set for modality {config.modality!r}")

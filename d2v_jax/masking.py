@@ -265,3 +265,231 @@ def block_mask(
   key = (tier << 29) | (noise.astype(jnp.int32) << pos_bits) | jnp.arange(height * width)
   threshold = jnp.sort(key, axis=-1)[:, num_masked - 1 : num_masked]  # [B, 1]
   return key <= threshold
+
+
+# --- Text (data2vec 1.0, spec §1.2 "Text") ---------------------------------------------------
+#
+# Token ids in, token ids out. A token is maskable unless it is padding, one of `special_ids` or
+# `mask_id`; fairseq's `MaskTokensDataset` draws over the whole item, `<s>` and `</s>` included,
+# so here the per-row size `sz` of fairseq's formulas is the row's number of maskable tokens V
+# (510 instead of 512 for a full RoBERTa block).
+#
+# Same count in every row: the batch's count K is fairseq's count for the row with the fewest
+# maskable tokens (the first such row), drawn with fairseq's law for that row. For rows of equal
+# length K therefore has exactly fairseq's distribution (mean prob·V for BERT, the mean union of
+# the spans for span masking), instead of the downward-biased minimum over rows of span_mask's
+# `require_same_masks` (for 256 rows of 510 tokens that minimum is 139 tokens, 11% below the
+# mean union of 157).
+# Longer rows get the same K, so a lower fraction: batch rows of similar length.
+
+# <s>, <pad>, </s>, <unk>: fairseq Dictionary's nspecial = 4. RoBERTa's <mask> is 50264 (last).
+ROBERTA_SPECIAL_IDS = (0, 1, 2, 3)
+_NO_KEY = jnp.iinfo(jnp.int32).max  # sorts after every key of a maskable position
+
+
+def _maskable(tokens, padding_mask, special_ids, mask_id):
+  """bool[B, L]: True where a token may be masked (not padding, special or `<mask>`)."""
+  special = jnp.zeros(tokens.shape, bool)
+  for i in sorted(set(special_ids) | {mask_id}):
+    special = special | (tokens == i)
+  return ~padding_mask & ~special
+
+
+def _key_bits(length: int, extra_bits: int = 0):
+  """(position bits, random bits) of an int32 key random | position | extra, sign bit clear."""
+  pos_bits = max(1, (length - 1).bit_length())
+  rand_bits = 31 - pos_bits - extra_bits
+  if rand_bits < 8:
+    raise ValueError(f"sequence length {length} too long for int32 random keys")
+  return pos_bits, rand_bits
+
+
+def _random_keys(bits, maskable, extra_bits: int = 0):
+  """int32[B, L] keys from uint32 random `bits` [B, L]: random high bits, then the position,
+  then `extra_bits` zeros; unique per row, `_NO_KEY` where not maskable. Sorting a row by key is
+  a uniformly random order of its maskable positions (up to ties of the random bits, broken by
+  position: with 20 random bits and 510 tokens, some pair of a row shares its random bits in
+  ~12% of rows)."""
+  length = maskable.shape[1]
+  pos_bits, rand_bits = _key_bits(length, extra_bits)
+  noise = (bits >> (32 - rand_bits)).astype(jnp.int32)
+  keys = ((noise << pos_bits) | jnp.arange(length, dtype=jnp.int32)) << extra_bits
+  return jnp.where(maskable, keys, _NO_KEY)
+
+
+def _smallest_keys(keys, count):
+  """bool[B, L]: the `count` smallest keys of each row (keys unique per row; `count` a traced
+  scalar or int32[B], at most the row's number of keys below `_NO_KEY`)."""
+  count = jnp.broadcast_to(jnp.asarray(count, jnp.int32), keys.shape[:1])[:, None]  # [B, 1]
+  kth = jnp.take_along_axis(jnp.sort(keys, axis=-1), jnp.maximum(count - 1, 0), axis=1)
+  return (keys <= kth) & (count > 0) & (keys < _NO_KEY)
+
+
+def _count_of_shortest_row(counts, num_maskable):
+  """The count of the row with the fewest maskable tokens (the first such row): a scalar."""
+  return counts[jnp.argmin(num_maskable)]
+
+
+def _random_tokens(bits, vocab_size: int, excluded):
+  """int32 tokens from uint32 random `bits`, uniform over [0, vocab_size) minus `excluded`
+  (static ids), up to the modulo bias of `bits % n` (< n / 2^32 relative: 1e-5 at 50k ids)."""
+  excluded = sorted({int(i) for i in excluded if 0 <= i < vocab_size})
+  num_allowed = vocab_size - len(excluded)
+  if num_allowed < 1:
+    raise ValueError(f"no token left to draw in a vocabulary of {vocab_size}")
+  r = (bits % jnp.uint32(num_allowed)).astype(jnp.int32)
+  # The r-th allowed id: step over each excluded id at or below it, in increasing order.
+  for e in excluded:
+    r = r + (r >= e).astype(jnp.int32)
+  return r
+
+
+def bert_mask(
+  rng,
+  tokens,
+  padding_mask,
+  *,
+  special_ids: tuple[int, ...],
+  mask_id: int,
+  vocab_size: int,
+  prob: float = 0.15,
+  random_prob: float = 0.1,
+  leave_prob: float = 0.1,
+):
+  """BERT masking, the data2vec paper's text default (spec §1.2 "Text"; fairseq
+  `MaskTokensDataset` with `mask_multiple_length` 1).
+
+  K = ⌊prob·V + u⌋ positions, u ~ U(0, 1), V = maskable tokens of the batch's shortest row (see
+  the section comment: every row gets this K), chosen uniformly without replacement among each
+  row's maskable tokens. Of the chosen positions each independently (Bernoulli, as fairseq)
+  becomes `<mask>` with probability 1 − random_prob − leave_prob, a random token with
+  probability random_prob, or stays unchanged with probability leave_prob; so the 80/10/10
+  split holds in expectation, not exactly per row. Random tokens are uniform over
+  [0, vocab_size) without `special_ids` and `mask_id` (fairseq zeroes the weights of its 4
+  specials but can draw `<mask>`, added to the dictionary after them; here a random token is
+  never special).
+
+  Args:
+    rng: PRNG key.
+    tokens: int[B, L] token ids.
+    padding_mask: bool[B, L], True at padding.
+    special_ids: ids never masked nor drawn, e.g. `ROBERTA_SPECIAL_IDS` (must list `<s>`,
+      `</s>`, `<pad>`; `<unk>` too for fairseq's random-token vocabulary).
+    mask_id: id of `<mask>` (never masked nor drawn as a random token).
+    vocab_size: random tokens are drawn from [0, vocab_size).
+    prob: expected fraction of maskable tokens chosen for prediction.
+    random_prob: probability that a chosen token becomes a random token.
+    leave_prob: probability that a chosen token is left unchanged.
+
+  Returns:
+    corrupted: int32[B, L], the student's input.
+    mask: bool[B, L], the chosen positions (the same number K in every row).
+    replaced_by_mask: bool[B, L], the chosen positions that became `<mask>` (where the released
+      data2vec code takes its loss: `src_tokens == mask_idx`).
+  """
+  if not 0.0 < prob < 1.0:
+    raise ValueError(f"prob={prob} not in (0, 1)")
+  if random_prob < 0 or leave_prob < 0 or random_prob + leave_prob > 1:
+    raise ValueError(f"bad random_prob={random_prob}, leave_prob={leave_prob}")
+  tokens = tokens.astype(jnp.int32)
+  batch, length = tokens.shape
+  count_rng, token_rng = jax.random.split(rng)
+  maskable = _maskable(tokens, padding_mask, special_ids, mask_id)
+  num_maskable = jnp.sum(maskable, axis=1)  # [B]
+  u = jax.random.uniform(count_rng, (batch,))
+  counts = jnp.minimum(jnp.floor(prob * num_maskable + u).astype(jnp.int32), num_maskable)
+  count = _count_of_shortest_row(counts, num_maskable)
+  # One batch-leading draw for each token (few threefry calls: each one is slow to compile):
+  # its order key, two 24-bit uniforms for the 80/10/10 split and its random token.
+  bits = jax.random.bits(token_rng, (batch, length, 4), jnp.uint32)
+  mask = _smallest_keys(_random_keys(bits[..., 0], maskable), count)
+
+  # fairseq: rand_or_unmask = mask & (U < random + leave); unmask = that & (U' < leave / both).
+  both = random_prob + leave_prob
+  split = (bits[..., 1:3] >> 8).astype(jnp.float32) * 2.0**-24  # U(0, 1), [B, L, 2]
+  rand_or_unmask = mask & (split[..., 0] < both)
+  unmask = rand_or_unmask & (split[..., 1] * both < leave_prob)
+  to_random = rand_or_unmask & ~unmask
+  replaced_by_mask = mask & ~rand_or_unmask
+  random_tokens = _random_tokens(bits[..., 3], vocab_size, tuple(special_ids) + (mask_id,))
+  corrupted = jnp.where(replaced_by_mask, mask_id, jnp.where(to_random, random_tokens, tokens))
+  return corrupted.astype(jnp.int32), mask, replaced_by_mask
+
+
+def text_span_mask(
+  rng,
+  tokens,
+  padding_mask,
+  *,
+  special_ids: tuple[int, ...],
+  mask_id: int,
+  prob: float = 0.35,
+  length: int = 4,
+):
+  """data2vec 1.0 text span masking, the released config (spec §1.2 "Text": fairseq
+  `MaskTokensDataset` with `mask_prob` 0.35, `mask_multiple_length` 4, no random or kept tokens).
+
+  fairseq, per row of size V: n = ⌊prob·V/length + u⌋ starts drawn without replacement from all
+  V positions, each masking positions s .. s + length − 1; spans may overlap (the union is
+  ≈ 1 − (1 − prob/length)^length ≈ 31% of tokens at 0.35/4) and are cut at the end of the row.
+  Here starts are drawn among maskable tokens and a span masks the maskable tokens among
+  s .. s + length − 1 (so it is also cut where it meets `</s>`, another special or padding).
+
+  Same count in every row: K = fairseq's union for the batch's shortest row (its n spans, see
+  the section comment). Every row adds its spans in a random order until the union reaches K,
+  the last span cut after the K-th masked token: each row is fairseq's random overlapping spans
+  stopped at K masked tokens instead of at n spans, with at most one shortened span; the
+  shortest row (the first one) is exactly its n spans. Unlike span_mask's subsampling no span
+  is thinned out, and K is not biased low. Implementation: a start's random key covers the
+  `length` positions from it; a position's key is the smallest key covering it, plus its offset
+  in that span; the K smallest position keys are the mask. Two sorts per row.
+
+  Args:
+    rng: PRNG key.
+    tokens: int[B, L] token ids.
+    padding_mask: bool[B, L], True at padding.
+    special_ids: ids never masked, e.g. `ROBERTA_SPECIAL_IDS` (must list `<s>`, `</s>`, `<pad>`).
+    mask_id: id of `<mask>`.
+    prob: fairseq's `mask_prob`: span starts are prob / length of the tokens.
+    length: fairseq's `mask_multiple_length`.
+
+  Returns:
+    corrupted: int32[B, L], `<mask>` at masked positions.
+    mask: bool[B, L], True at masked positions, the same number K in every row.
+    replaced_by_mask: the same as `mask` (every masked token is `<mask>`).
+  """
+  if not 0.0 < prob < 1.0:
+    raise ValueError(f"prob={prob} not in (0, 1)")
+  if length < 1:
+    raise ValueError(f"length={length} < 1")
+  tokens = tokens.astype(jnp.int32)
+  batch, num_tokens = tokens.shape
+  count_rng, start_rng = jax.random.split(rng)
+  maskable = _maskable(tokens, padding_mask, special_ids, mask_id)
+  num_maskable = jnp.sum(maskable, axis=1)  # [B]
+
+  offset_bits = (length - 1).bit_length()
+  pos_bits, _ = _key_bits(num_tokens, offset_bits)
+  start_bits = jax.random.bits(start_rng, (batch, num_tokens), jnp.uint32)
+  start_keys = _random_keys(start_bits, maskable, offset_bits)  # [B, L], _NO_KEY at non-starts
+  # cover[t] = min(start_keys[t - length + 1 .. t]): the first span (in key order) covering t.
+  padded = jnp.pad(start_keys, ((0, 0), (length - 1, 0)), constant_values=_NO_KEY)
+  cover = start_keys
+  for k in range(1, length):
+    cover = jnp.minimum(cover, padded[:, length - 1 - k : length - 1 - k + num_tokens])
+  span_start = (cover >> offset_bits) & ((1 << pos_bits) - 1)
+  offset = jnp.arange(num_tokens, dtype=jnp.int32) - span_start  # in [0, length) where covered
+  position_keys = jnp.where(maskable, cover | offset, _NO_KEY)
+
+  # fairseq's count for each row: the union of the spans of its n smallest start keys.
+  u = jax.random.uniform(count_rng, (batch,))
+  num_spans = jnp.floor(prob * num_maskable / length + u).astype(jnp.int32)
+  num_spans = jnp.minimum(num_spans, num_maskable)[:, None]  # [B, 1]
+  nth_start = jnp.take_along_axis(
+    jnp.sort(start_keys, axis=-1), jnp.maximum(num_spans - 1, 0), axis=1
+  )
+  unions = jnp.sum(maskable & (cover <= nth_start) & (num_spans > 0), axis=1)  # [B]
+  count = _count_of_shortest_row(unions, num_maskable)
+  mask = _smallest_keys(position_keys, count)
+  corrupted = jnp.where(mask, mask_id, tokens).astype(jnp.int32)
+  return corrupted, mask, mask

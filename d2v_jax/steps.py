@@ -8,11 +8,15 @@ Order inside the step:
   5. student encodes the masked tokens -> regression head -> loss at masked, valid positions;
   6. gradient, Adam update, then the EMA update of the teacher with τ(step).
 
+Text masks token ids before step 2 instead (`<mask>` and random tokens replace input ids), so the
+student's embedding sees the corrupted ids and no mask embedding is used.
+
 What the teacher reads depends on what it mirrors (spec §1.4): for speech it holds only the
-encoder and reads the student's CNN features (shared); for vision it is the whole model and embeds
-the raw image itself. Its forward runs inside the differentiated function only because the shared
-features are computed there; it is wrapped in `stop_gradient`, so no backward pass is built for
-it and the shared front end runs once per step.
+encoder and reads the student's CNN features (shared); for vision (the whole model) and text
+(encoder plus embeddings copied from the student) it embeds the clean input itself. Its forward
+runs inside the differentiated function only because the shared speech features are computed
+there; it is wrapped in `stop_gradient`, so no backward pass is built for it and the shared front
+end runs once per step.
 """
 
 import jax
@@ -24,7 +28,7 @@ from d2v_jax import losses, masking, targets, teacher
 from d2v_jax.state import TrainState
 
 # Batch keys of each modality's model input (DESIGN.md, "Batches").
-INPUT_KEYS = {"audio": "audio", "image": "image"}
+INPUT_KEYS = {"audio": "audio", "image": "image", "text": "tokens"}
 
 
 def model_inputs(batch, modality: str):
@@ -76,6 +80,43 @@ def draw_mask(rng, token_padding, config: ml_collections.ConfigDict, grid=None):
   raise ValueError(f"No masking defined for modality {config.modality!r}")
 
 
+def mask_token_ids(rng, tokens, padding_mask, config: ml_collections.ConfigDict):
+  """Text masking on token ids (spec §1.2 text): (student ids, selected, loss positions).
+
+  `config.masking.scheme`: 'span' (the released config: spans of 4 `<mask>` tokens, 35%) or
+  'bert' (the paper: 15%, of which 80% `<mask>`, 10% random, 10% unchanged). The loss is taken at
+  the positions that became `<mask>` when `config.masking.loss_on_mask_only` (the released code;
+  the random/unchanged 20% of BERT masking then get none), else at every selected position.
+  """
+  m = config.masking
+  special_ids = tuple(m.special_ids)
+  if m.scheme == "span":
+    corrupted, selected, replaced = masking.text_span_mask(
+      rng,
+      tokens,
+      padding_mask,
+      special_ids=special_ids,
+      mask_id=m.mask_id,
+      prob=m.span_prob,
+      length=m.span_length,
+    )
+  elif m.scheme == "bert":
+    corrupted, selected, replaced = masking.bert_mask(
+      rng,
+      tokens,
+      padding_mask,
+      special_ids=special_ids,
+      mask_id=m.mask_id,
+      vocab_size=config.model.vocab_size,
+      prob=m.bert_prob,
+      random_prob=m.random_prob,
+      leave_prob=m.leave_prob,
+    )
+  else:
+    raise ValueError(f"config.masking.scheme={m.scheme!r}: use 'span' or 'bert'")
+  return corrupted, selected, replaced if m.loss_on_mask_only else selected
+
+
 def teacher_targets(model, config, teacher_params, inputs, padding, tokens, token_padding):
   """The teacher's normalised top-K targets [B, T, D] on the unmasked input (spec §1.3, §1.4).
 
@@ -105,6 +146,7 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
   names = tuple(config.ema.teacher_params)
   loss_scale = None if config.loss.scale < 0 else config.loss.scale
   grid = getattr(model.encoder, "grid", None)
+  masks_input_ids = config.modality == "text"
 
   def step(state: TrainState, batch, loop_key):
     rng = jax.random.fold_in(loop_key, state.step)
@@ -114,12 +156,16 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
     def loss_fn(params):
       variables = {"params": params}
       rngs = {"dropout": dropout_rng}
+      student_inputs, mask, loss_mask = inputs, None, None
+      if masks_input_ids:  # text: the student sees `<mask>` (and random) token ids
+        student_inputs, mask, loss_mask = mask_token_ids(mask_rng, inputs, padding, config)
       tokens, token_padding = model.apply(
-        variables, inputs, padding, train=True, rngs=rngs, method=model.embed
+        variables, student_inputs, padding, train=True, rngs=rngs, method=model.embed
       )  # [B, T, D], [B, T]
       # Speech only (fairseq's feature_grad_mult); other front ends train at the full rate.
       tokens = scale_gradient(tokens, config.model.get("feature_grad_mult", 1.0))
-      mask = draw_mask(mask_rng, token_padding, config, grid)
+      if not masks_input_ids:  # speech, images: masked embeddings become the mask embedding
+        mask = loss_mask = draw_mask(mask_rng, token_padding, config, grid)
       y = jax.lax.stop_gradient(
         teacher_targets(
           model,
@@ -131,11 +177,12 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
           token_padding,
         )
       )
+      embedding_mask = None if masks_input_ids else mask
       x, _ = model.apply(
-        variables, tokens, token_padding, mask, train=True, rngs=rngs, method=model.encode
+        variables, tokens, token_padding, embedding_mask, train=True, rngs=rngs, method=model.encode
       )
       pred = model.apply(variables, x, method=model.predict)  # [B, T, D]
-      weights = mask & ~token_padding
+      weights = loss_mask & ~token_padding
       loss, num_masked = losses.regression_loss(
         pred,
         y,

@@ -22,12 +22,14 @@ from d2v_jax import evaluate as evaluate_lib
 from d2v_jax import state as state_lib
 from d2v_jax.data import audio as audio_data
 from d2v_jax.data import image as image_data
+from d2v_jax.data import text as text_data
 from d2v_jax.models.data2vec import build_model
 
 # Each modality's throughput: (name, valid inputs per unit): audio-seconds/s, images/s.
 _THROUGHPUT = {
   "audio": ("audio_seconds_per_sec", lambda cfg: cfg.input.sample_rate),
   "image": ("images_per_sec", lambda cfg: 1),
+  "text": ("tokens_per_sec", lambda cfg: 1),
 }
 
 
@@ -41,7 +43,29 @@ def split_seed(seed: int):
 _PRETRAIN_DATASETS = {
   "audio": audio_data.make_audio_pretrain_dataset,
   "image": image_data.make_image_pretrain_dataset,
+  "text": text_data.make_text_pretrain_dataset,
 }
+
+
+def complete_config(config: ml_collections.ConfigDict) -> None:
+  """Fills the fields that come from the data (text: the tokenizer's vocabulary and <mask> id).
+
+  A value left at -1 is taken from the tokenizer; one that was set must agree with it.
+  """
+  if config.modality != "text":
+    return
+  tokenizer = text_data.load_tokenizer_for(config.input)
+  for field, group, value in (
+    ("vocab_size", config.model, tokenizer.vocab_size),
+    ("mask_id", config.masking, tokenizer.mask_id),
+  ):
+    if group[field] == -1:
+      group[field] = value
+    elif group[field] != value:
+      raise ValueError(
+        f"config.{'model' if group is config.model else 'masking'}.{field}={group[field]} but "
+        f"the tokenizer ({config.input.tokenizer or 'embedded'}) has {value}; leave it at -1"
+      )
 
 
 def make_dataset(config, data_seed: int):
@@ -60,6 +84,9 @@ def example_inputs(config):
   if config.modality == "image":
     size = config.model.image_size
     return jnp.zeros((1, size, size, 3), jnp.float32), None
+  if config.modality == "text":
+    length = config.input.max_length
+    return jnp.zeros((1, length), jnp.int32), jnp.zeros((1, length), bool)
   length = min(config.input.crop_lengths)
   return jnp.zeros((1, length), jnp.float32), jnp.zeros((1, length), bool)
 
@@ -70,6 +97,7 @@ def setup(config: ml_collections.ConfigDict):
   `make_state()` initialises the train state from `config.seed`; it is what a fresh run jits,
   what `jax.eval_shape` turns into a restore target, and the probe's random-init baseline.
   """
+  complete_config(config)
   model = build_model(config.modality, config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.loop.total_steps)
   init_key, _, _ = split_seed(config.seed)
@@ -100,9 +128,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.devices()[0].platform,
     jax.process_count(),
   )
-  if jax.process_index() == 0:
-    write_config(workdir, config)
-
   _, data_seed, loop_key = split_seed(config.seed)
   model, tx, schedule, make_state = setup(config)
   dataset = make_dataset(config, data_seed)
@@ -120,6 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract = checkpoint.abstract_state(make_state, sharding=replicated)
     state = ckpt.restore(latest, abstract, data_iter)
     logging.info("Resumed from step %d", latest)
+  if jax.process_index() == 0:  # only now: a refused checkpoint leaves its run's config alone
+    write_config(workdir, config)
   initial_params = None
   if config.probe.enabled:  # the encoder at initialisation is the probe's baseline
     initial_params = jax.jit(make_state, out_shardings=replicated)().params

@@ -16,7 +16,10 @@ import numpy as np
 
 from configs import audio as audio_config
 from configs import image as image_config
-from d2v_jax import optim, sharding, steps, teacher
+from configs import text as text_config
+from d2v_jax import optim, sharding, steps, teacher, train
+from d2v_jax.data import text as text_data
+from d2v_jax.data import text_corpus, tokenizer
 from d2v_jax.models.data2vec import build_model
 from d2v_jax.state import TrainState
 
@@ -206,3 +209,53 @@ def flat(tree):
   from flax import traverse_util
 
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+# Text: 2 blocks of width 32 over the embedded tokenizer's vocabulary, blocks of 32 tokens.
+TEXT_SIZES = dict(num_layers=2, dim=32, num_heads=4, mlp_dim=64)
+TEXT_LENGTH = 32
+TEXT_BATCH = 8
+
+
+def text_step_config(scheme: str = "span") -> ml_collections.ConfigDict:
+  """The text config at TEXT_SIZES, tuned so that a fixed batch is clearly fitted."""
+  config = text_config.get_config()
+  config.model.update(TEXT_SIZES)
+  config.input.max_length = TEXT_LENGTH
+  config.input.batch_size = TEXT_BATCH
+  config.masking.scheme = scheme
+  config.targets.top_k = 2
+  config.loop.total_steps = STEP_TOTAL
+  config.optim.update(lr=5e-3, warmup_steps=5)
+  config.ema.update(decay=0.99, end_decay=0.999, anneal_steps=40)
+  train.complete_config(config)  # the embedded tokenizer's vocabulary and <mask> id
+  return config
+
+
+@functools.cache
+def text_model():
+  return build_model("text", text_step_config().model)
+
+
+@functools.cache
+def text_params():
+  model = text_model()
+  tokens = jnp.zeros((1, TEXT_LENGTH), jnp.int32)
+  return fast_jit(
+    lambda: model.init({"params": jax.random.key(0)}, tokens, tokens == 1)["params"]
+  )()
+
+
+@functools.cache
+def text_batch():
+  """Eight verses of the embedded corpus as `<s> verse </s> <pad>...` rows."""
+  verses = text_corpus.load_embedded_probe_set("train").texts[:TEXT_BATCH]
+  tokens, padding = text_data.encode_for_probe(
+    verses, tokenizer.load_embedded_tokenizer(), TEXT_LENGTH
+  )
+  return {"tokens": tokens, "padding_mask": padding}
+
+
+@functools.cache
+def text_train_setup(num_devices: int = 4) -> TrainSetup:
+  return TrainSetup(jax.devices()[:num_devices], text_step_config(), text_model(), text_params())

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from d2v_jax import evaluate, train
 from d2v_jax.data import sources
@@ -38,8 +39,9 @@ def test_word_clips_are_padded_normalised_and_labelled():
   assert set(np.bincount(train_set.labels)) == {30}
 
 
-def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path):
-  config = tiny_config(total_steps=2)
+@pytest.mark.parametrize("modality", ["audio", "image"])
+def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path, modality):
+  config = tiny_config(total_steps=2, modality=modality)
   train.train_and_evaluate(config, tmp_path)
   with config.unlocked():
     config.probe.update(enabled=True, seeds=(0,))
@@ -48,3 +50,12 @@ def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path):
   for key in ("random", "pretrained"):
     assert len(result[key]) == 1 and 0.0 <= result[key][0] <= 1.0
   assert json.loads((tmp_path / "probe.json").read_text())["step"] == 2
+
+
+def test_digit_probe_sets_are_the_stratified_split_at_the_models_resolution():
+  config = tiny_config(total_steps=1, modality="image")
+  train_set, test_set = evaluate.load_probe_sets(config)
+  assert train_set.inputs.shape == (1442, 16, 16, 3) and test_set.inputs.shape == (355, 16, 16, 3)
+  assert train_set.padding_mask is None
+  assert train_set.class_names == tuple(str(d) for d in range(10))
+  assert set(np.bincount(test_set.labels)) <= {34, 35, 36, 37}  # every 5th scan of each class

@@ -19,47 +19,31 @@ Three kinds of test:
 - Live tests (`@pytest.mark.torch`): fresh random HF models of other shapes (even pos-conv kernel,
   no `masked_spec_embed`, 768 wide, and the base shape). torch needs Python 3.11 and is not a
   dependency, so these tests run `fixtures/make_hf_audio_fixture.py` under a torch interpreter in
-  a subprocess and compare its arrays in-process. The interpreter is `$D2V_TORCH_PYTHON`, else this
-  one if it has torch and transformers, else `.venv-torch/bin/python`; with none they skip. See
-  the fixture script's docstring for setting up `.venv-torch`, then:
+  a subprocess and compare its arrays in-process (the interpreter: see `tests/hf_parity.py`; with
+  none they skip). See the fixture script's docstring for setting up `.venv-torch`, then:
 
       .venv/bin/python -m pytest tests/test_hf_audio_parity.py -m torch
 """
 
 import functools
-import importlib.util
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2v_jax.convert import hf_audio
+from d2v_jax.convert import common, hf_audio
+from tests import hf_parity
+from tests.hf_parity import TOL, load_reference, max_abs_diffs
 
-TOL = 1e-4  # max abs difference, fp32, at valid frames
 # HF's padded run must differ from its unpadded run by more than this at valid frames of padded
 # rows, from the positional convolution on (measured on the fixture: 0.35 to 2.6).
 HF_LEAK_MIN = 1e-3
 # Tensors computed before the positional convolution, where padding cannot leak in HF either.
 BEFORE_POS_CONV = ("out/cnn", "out/extract_features", "out/projected")
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
-FIXTURE = FIXTURES / "hf_audio_small.npz"
-FIXTURE_SCRIPT = FIXTURES / "make_hf_audio_fixture.py"
-
-
-def load_reference(path):
-  """npz written by the fixture script -> (state dict, HF config dict, other arrays)."""
-  with np.load(path) as data:
-    arrays = {k: data[k] for k in data.files}
-  state_dict = {k.removeprefix("param/"): v for k, v in arrays.items() if k.startswith("param/")}
-  hf_config = json.loads(str(arrays["meta/hf_config"]))
-  return state_dict, hf_config, arrays
+FIXTURE = hf_parity.AUDIO_FIXTURE
+FIXTURE_SCRIPT = hf_parity.FIXTURES / "make_hf_audio_fixture.py"
 
 
 @functools.cache
@@ -85,10 +69,7 @@ def _forward(model):
       "out/projected": tokens,
       "out/hidden_states/0": aux["input"],
     }
-    for i, layer in enumerate(aux["layers"]):
-      out[f"out/hidden_states/{i + 1}"] = layer["block"]
-      out[f"out/ffn/{i}"] = layer["ffn"]
-    return out
+    return {**out, **hf_parity.layer_outputs(aux, "out/")}
 
   return forward
 
@@ -122,7 +103,7 @@ def cropped_rows(ref):
   return [int(b) for b in np.flatnonzero(lengths < ref["input/values"].shape[1])]
 
 
-def max_abs_diffs(ours, ref, rows=None):
+def valid_diffs(ours, ref, rows=None):
   """{tensor name: max abs difference at valid frames} over every float tensor HF stored.
 
   The reference is NaN at the padded frames of cropped rows, so any comparison that strayed
@@ -131,12 +112,7 @@ def max_abs_diffs(ours, ref, rows=None):
   valid = ref["out/frame_mask"].copy()
   if rows is not None:
     valid[np.setdiff1d(np.arange(len(valid)), rows)] = False
-  names = reference_names(ref)
-  missing = sorted(set(names) - set(ours))
-  assert not missing, f"our model produced no counterpart for {missing}"
-  shapes = {k: (ours[k].shape, ref[k].shape) for k in names if ours[k].shape != ref[k].shape}
-  assert not shapes, f"shape mismatch (ours, HF): {shapes}"  # broadcasting would hide it
-  return {k: float(np.max(np.abs(ours[k] - ref[k])[valid])) for k in names}
+  return max_abs_diffs(ours, {k: ref[k] for k in reference_names(ref)}, where=valid)
 
 
 def assert_parity(ours, ref):
@@ -144,11 +120,7 @@ def assert_parity(ours, ref):
     "frame padding mask differs from HF's feature-level attention mask:\n"
     f"ours valid frames {ours['out/frame_mask'].sum(1)}, HF {ref['out/frame_mask'].sum(1)}"
   )
-  diffs = max_abs_diffs(ours, ref)
-  report = "\n".join(f"  {k}: {v:.3g}" for k, v in sorted(diffs.items()))
-  bad = {k: v for k, v in diffs.items() if not v <= TOL}  # `not <=` also catches NaN
-  assert not bad, f"max abs diff > {TOL} for {sorted(bad)}; all diffs:\n{report}"
-  return diffs
+  return hf_parity.assert_within_tol(valid_diffs(ours, ref))
 
 
 def check_reference_layout(ref):
@@ -170,7 +142,7 @@ def hf_padded_diffs(ref):
   """{tensor name: max abs difference of HF's padded run from its unpadded run} over the valid
   frames of the cropped rows."""
   padded = {k: ref[f"hf_padded/{k}"] for k in reference_names(ref)}
-  return max_abs_diffs(padded, ref, rows=cropped_rows(ref))
+  return valid_diffs(padded, ref, rows=cropped_rows(ref))
 
 
 # ----------------------------------------------------------------------------- fixture tests
@@ -178,16 +150,7 @@ def hf_padded_diffs(ref):
 
 @pytest.fixture(scope="module")
 def small():
-  state_dict, hf_config, ref = load_reference(FIXTURE)
-  model, model_cfg, params = hf_audio.build_from_hf(state_dict, hf_config)
-  return dict(
-    state_dict=state_dict,
-    hf_config=hf_config,
-    ref=ref,
-    model=model,
-    params=params,
-    model_cfg=model_cfg,
-  )
+  return hf_parity.build_small(hf_audio, FIXTURE)
 
 
 def test_fixture_config_maps_every_size(small):
@@ -208,8 +171,7 @@ def test_fixture_has_padding_and_masking(small):
   assert cropped_rows(ref) == [1]
   assert all(f"hf_padded/{k}" in ref for k in reference_names(ref))
   check_reference_layout(ref)
-  versions = json.loads(str(ref["meta/versions"]))
-  assert set(versions) == {"torch", "transformers"}
+  hf_parity.assert_versions_recorded(ref)
 
 
 def test_fixture_parity(small):
@@ -228,9 +190,9 @@ def test_fixture_documents_hf_padding_leak(small):
   ref, rows = small["ref"], cropped_rows(small["ref"])
   hf = hf_padded_diffs(ref)
   ours = run_ours(small["model"], small["params"], ref)
-  ours_vs_unpadded = max_abs_diffs(ours, ref, rows=rows)
+  ours_vs_unpadded = valid_diffs(ours, ref, rows=rows)
   hf_padded = {k: ref[f"hf_padded/{k}"] for k in reference_names(ref)}
-  ours_vs_hf_padded = max_abs_diffs(ours, {**ref, **hf_padded}, rows=rows)
+  ours_vs_hf_padded = valid_diffs(ours, {**ref, **hf_padded}, rows=rows)
   report = "\n".join(
     f"  {k}: HF padded {hf[k]:.3g}, ours {ours_vs_unpadded[k]:.3g}, "
     f"ours vs HF padded {ours_vs_hf_padded[k]:.3g}"
@@ -250,10 +212,7 @@ def _perturb(state_dict, name):
   layer = "encoder.layers.1.attention"
   if name == "swap_q_k":
     for p in ("weight", "bias"):
-      sd[f"{layer}.q_proj.{p}"], sd[f"{layer}.k_proj.{p}"] = (
-        sd[f"{layer}.k_proj.{p}"],
-        sd[f"{layer}.q_proj.{p}"],
-      )
+      hf_parity.swap(sd, f"{layer}.q_proj.{p}", f"{layer}.k_proj.{p}")
   elif name == "permute_heads_v":  # a head-split mix-up: v's heads rotated, out_proj's not
     for p in ("weight", "bias"):
       sd[f"{layer}.v_proj.{p}"] = np.roll(sd[f"{layer}.v_proj.{p}"], 16, axis=0)
@@ -276,7 +235,7 @@ def test_fixture_detects_wrong_weights(small, perturbation):
   )
   ours = run_ours(small["model"], params, small["ref"])
   last = "out/hidden_states/3"
-  worst = max_abs_diffs(ours, small["ref"])[last]
+  worst = valid_diffs(ours, small["ref"])[last]
   assert worst > 100 * TOL, f"{perturbation} changed {last} by only {worst:.3g}"
 
 
@@ -285,8 +244,7 @@ def test_fixture_detects_wrong_weights(small, perturbation):
 
 @pytest.fixture(scope="module")
 def ckpt():
-  state_dict, hf_config, _ = load_reference(FIXTURE)
-  return state_dict, hf_config
+  return hf_parity.load_checkpoint(FIXTURE)
 
 
 def test_converter_without_init_params_leaves_out_final_proj(ckpt):
@@ -303,23 +261,14 @@ def test_converter_without_init_params_leaves_out_final_proj(ckpt):
 
 
 def test_converter_keeps_final_proj_from_init(small):
-  model = small["model"]
-  rngs = {"params": jax.random.key(7)}
+  """`build_from_hf` fills what HF lacks from our init, and checks every other leaf's shape."""
   audio_in = jnp.zeros((1, 400)), jnp.zeros((1, 400), bool)
-  # Shapes of the full tree plus real values for the head (a full init compiles slowly on CPU).
-  shapes = jax.eval_shape(lambda: model.init(rngs, *audio_in))["params"]
-  head = model.init(rngs, jnp.zeros((1, 64)), method="predict")["params"]
-  params = hf_audio.params_from_hf(
-    small["state_dict"], small["hf_config"], init_params={**shapes, **head}
-  )
-  np.testing.assert_array_equal(params["final_proj"]["kernel"], head["final_proj"]["kernel"])
+  init = common.init_shapes_and_head(small["model"], audio_in, seed=7)
+  params = hf_audio.params_from_hf(small["state_dict"], small["hf_config"], init_params=init)
+  np.testing.assert_array_equal(params["final_proj"]["kernel"], init["final_proj"]["kernel"])
   np.testing.assert_array_equal(params["mask_emb"], small["state_dict"]["masked_spec_embed"])
-  assert jax.tree.structure(params) == jax.tree.structure(shapes)
-  # An init tree from a differently sized model is caught leaf by leaf.
-  wrong = {**shapes, "final_proj": {"kernel": np.zeros((64, 64)), "bias": np.zeros(64)}}
-  wrong["encoder"] = {**shapes["encoder"], "extra": jax.ShapeDtypeStruct((3,), jnp.float32)}
-  with pytest.raises(hf_audio.ConversionError, match="encoder/extra"):
-    hf_audio.params_from_hf(small["state_dict"], small["hf_config"], init_params=wrong)
+  assert jax.tree.structure(params) == jax.tree.structure(init)
+  hf_parity.assert_rejects_extra_leaf(hf_audio, small, init)
 
 
 @pytest.mark.parametrize(
@@ -333,15 +282,7 @@ def test_converter_keeps_final_proj_from_init(small):
   ids=["missing", "missing_mask_emb", "unknown", "misshaped"],
 )
 def test_converter_names_offending_keys(ckpt, key, value, expected):
-  """Deletes `key` (value None) or sets it to `value`; the error must name it."""
-  state_dict = dict(ckpt[0])
-  if value is None:
-    del state_dict[key]
-  else:
-    state_dict[key] = value
-  with pytest.raises(hf_audio.ConversionError, match=expected) as err:
-    hf_audio.params_from_hf(state_dict, ckpt[1])
-  assert key in str(err.value)
+  hf_parity.assert_names_offending_key(hf_audio, ckpt, key, value, expected)
 
 
 def test_converter_reports_all_problems_at_once(ckpt):
@@ -392,16 +333,6 @@ def test_config_rejects_unsupported_options(ckpt, override, expected):
 # ----------------------------------------------------------------------------- live HF models
 
 
-def _torch_python():
-  """An interpreter with torch and transformers, or None (see the module docstring)."""
-  if os.environ.get("D2V_TORCH_PYTHON"):
-    return os.environ["D2V_TORCH_PYTHON"]
-  if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-    return sys.executable
-  venv = ROOT / ".venv-torch" / "bin" / "python"
-  return str(venv) if venv.exists() else None
-
-
 _WIDE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, conv_dim=[512] * 7)
 LIVE_CONFIGS = {
   # Even pos-conv kernel (HF trims one frame, ours too), 3 pos-conv layers, 8 groups, 6 heads, no
@@ -438,17 +369,11 @@ LIVE_CONFIGS = {
   ],
 )
 def test_live_hf_parity(name, tmp_path):
-  python = _torch_python()
-  if python is None:
-    pytest.skip("no interpreter with torch + transformers (set D2V_TORCH_PYTHON or .venv-torch)")
   overrides, lengths, num_samples = LIVE_CONFIGS[name]
   out = tmp_path / f"{name}.npz"
-  cmd = [python, str(FIXTURE_SCRIPT), "--out", str(out), "--config", json.dumps(overrides)]
-  cmd += ["--lengths", lengths, "--num-samples", str(num_samples), "--seed", "3"]
-  proc = subprocess.run(
-    cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600
-  )
-  assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+  args = ["--out", str(out), "--config", json.dumps(overrides)]
+  args += ["--lengths", lengths, "--num-samples", str(num_samples)]
+  hf_parity.run_fixture_script(FIXTURE_SCRIPT, args)
 
   state_dict, hf_config, ref = load_reference(out)
   assert cropped_rows(ref), "the live inputs must include a padded row"

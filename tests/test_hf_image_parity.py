@@ -18,8 +18,7 @@ Three kinds of test:
   HF's default `layer_norm_eps=1e-12` (that of the released checkpoints), no LayerScale, no mask
   token and one input channel. torch needs Python 3.11 and is not a dependency, so these tests run
   `fixtures/make_hf_image_fixture.py` under a torch interpreter in a subprocess and compare its
-  arrays in-process. The interpreter is `$D2V_TORCH_PYTHON`, else this one if it has torch and
-  transformers, else `.venv-torch/bin/python`; with none they skip:
+  arrays in-process (the interpreter: see `tests/hf_parity.py`; with none they skip):
 
       .venv/bin/python -m pytest tests/test_hf_image_parity.py -m torch
 
@@ -30,12 +29,7 @@ to (2h−1, 2w−1), which resamples it, so HF's bias is not `table[index]` (mea
 """
 
 import functools
-import importlib.util
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -44,23 +38,12 @@ import pytest
 
 from d2v_jax.convert import hf_image
 from d2v_jax.models import image
+from tests import hf_parity
+from tests.hf_parity import TOL, load_reference
 
-TOL = 1e-4  # max abs difference, fp32
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
-FIXTURE = FIXTURES / "hf_image_small.npz"
-FIXTURE_SCRIPT = FIXTURES / "make_hf_image_fixture.py"
-AUDIO_FIXTURE = FIXTURES / "hf_audio_small.npz"
+FIXTURE = hf_parity.IMAGE_FIXTURE
+FIXTURE_SCRIPT = hf_parity.FIXTURES / "make_hf_image_fixture.py"
 LAYER = "encoder.layer.1"  # the layer the negative controls and error tests poke at
-
-
-def load_reference(path):
-  """npz written by the fixture script -> (state dict, HF config dict, other arrays)."""
-  with np.load(path) as data:
-    arrays = {k: data[k] for k in data.files}
-  state_dict = {k.removeprefix("param/"): v for k, v in arrays.items() if k.startswith("param/")}
-  hf_config = json.loads(str(arrays["meta/hf_config"]))
-  return state_dict, hf_config, arrays
 
 
 def reference_tensors(ref):
@@ -90,10 +73,7 @@ def _forward(model):
       tokens = jnp.where(mask[..., None], params["mask_emb"], tokens)
     out = {"hidden_states/0": tokens, "last_hidden_state": x, "cls": aux["cls"]}
     out["pooler_output"] = aux["cls"]  # use_mean_pooling=False: the pooler returns the CLS
-    for i, layer in enumerate(aux["layers"]):
-      out[f"hidden_states/{i + 1}"] = layer["block"]
-      out[f"ffn/{i}"] = layer["ffn"]
-    return out
+    return {**out, **hf_parity.layer_outputs(aux)}
 
   return forward
 
@@ -112,20 +92,11 @@ def run_ours(model, params, ref):
 
 def max_abs_diffs(ours, ref):
   """{tensor name: max abs difference} over every tensor of `reference_tensors(ref)`."""
-  want = reference_tensors(ref)
-  missing = sorted(set(want) - set(ours))
-  assert not missing, f"our model produced no counterpart for {missing}"
-  shapes = {k: (ours[k].shape, v.shape) for k, v in want.items() if ours[k].shape != v.shape}
-  assert not shapes, f"shape mismatch (ours, HF): {shapes}"  # broadcasting would hide it
-  return {k: float(np.max(np.abs(ours[k] - v))) for k, v in want.items()}
+  return hf_parity.max_abs_diffs(ours, reference_tensors(ref))
 
 
 def assert_parity(ours, ref):
-  diffs = max_abs_diffs(ours, ref)
-  report = "\n".join(f"  {k}: {v:.3g}" for k, v in sorted(diffs.items()))
-  bad = {k: v for k, v in diffs.items() if not v <= TOL}  # `not <=` also catches NaN
-  assert not bad, f"max abs diff > {TOL} for {sorted(bad)}; all diffs:\n{report}"
-  return diffs
+  return hf_parity.assert_within_tol(max_abs_diffs(ours, ref))
 
 
 def assert_index_matches_hf(ref):
@@ -143,16 +114,7 @@ def assert_index_matches_hf(ref):
 
 @pytest.fixture(scope="module")
 def small():
-  state_dict, hf_config, ref = load_reference(FIXTURE)
-  model, model_cfg, params = hf_image.build_from_hf(state_dict, hf_config)
-  return dict(
-    state_dict=state_dict,
-    hf_config=hf_config,
-    ref=ref,
-    model=model,
-    params=params,
-    model_cfg=model_cfg,
-  )
+  return hf_parity.build_small(hf_image, FIXTURE)
 
 
 def test_fixture_config_maps_every_size(small):
@@ -176,8 +138,7 @@ def test_fixture_exercises_masking_and_random_parameters(small):
   for key in ("embeddings.mask_token", "embeddings.cls_token", f"{LAYER}.lambda_1"):
     assert np.std(sd[key]) > 0.1, key
   assert np.std(sd["encoder.relative_position_bias.relative_position_bias_table"]) > 0.5
-  versions = json.loads(str(ref["meta/versions"]))
-  assert set(versions) == {"torch", "transformers"}
+  hf_parity.assert_versions_recorded(ref)
 
 
 def test_fixture_parity(small):
@@ -203,10 +164,7 @@ def _perturb(state_dict, name):
   sd = dict(state_dict)
   attention = f"{LAYER}.attention.attention"
   if name == "swap_q_k":
-    sd[f"{attention}.query.weight"], sd[f"{attention}.key.weight"] = (
-      sd[f"{attention}.key.weight"],
-      sd[f"{attention}.query.weight"],
-    )
+    hf_parity.swap(sd, f"{attention}.query.weight", f"{attention}.key.weight")
   elif name == "permute_heads_v":  # a head-split mix-up: v's heads rotated, the output's not
     for p in ("weight", "bias"):
       sd[f"{attention}.value.{p}"] = np.roll(sd[f"{attention}.value.{p}"], 8, axis=0)
@@ -220,10 +178,7 @@ def _perturb(state_dict, name):
     key = "embeddings.patch_embeddings.projection.weight"
     sd[key] = sd[key].transpose(0, 1, 3, 2)
   elif name == "swap_lambdas":
-    sd[f"{LAYER}.lambda_1"], sd[f"{LAYER}.lambda_2"] = (
-      sd[f"{LAYER}.lambda_2"],
-      sd[f"{LAYER}.lambda_1"],
-    )
+    hf_parity.swap(sd, f"{LAYER}.lambda_1", f"{LAYER}.lambda_2")
   elif name == "zero_mask_token":  # changes the masked run only
     sd["embeddings.mask_token"] = np.zeros_like(sd["embeddings.mask_token"])
   return sd
@@ -255,8 +210,7 @@ def test_fixture_detects_wrong_weights(small, perturbation):
 
 @pytest.fixture(scope="module")
 def ckpt():
-  state_dict, hf_config, _ = load_reference(FIXTURE)
-  return state_dict, hf_config
+  return hf_parity.load_checkpoint(FIXTURE)
 
 
 def test_converter_layouts_without_init_params(ckpt):
@@ -287,9 +241,7 @@ def test_converter_keeps_final_proj_from_init(small):
   params = hf_image.params_from_hf(small["state_dict"], small["hf_config"], init_params=init)
   np.testing.assert_array_equal(params["final_proj"]["kernel"], init["final_proj"]["kernel"])
   assert jax.tree.structure(params) == jax.tree.structure(init)
-  wrong = {**init, "encoder": {**init["encoder"], "extra": jax.ShapeDtypeStruct((3,), jnp.float32)}}
-  with pytest.raises(hf_image.ConversionError, match="encoder/extra"):
-    hf_image.params_from_hf(small["state_dict"], small["hf_config"], init_params=wrong)
+  hf_parity.assert_rejects_extra_leaf(hf_image, small, init)
 
 
 @pytest.mark.parametrize(
@@ -316,15 +268,7 @@ def test_converter_keeps_final_proj_from_init(small):
   ],
 )
 def test_converter_names_offending_keys(ckpt, key, value, expected):
-  """Deletes `key` (value None) or sets it to `value`; the error must name it."""
-  state_dict = dict(ckpt[0])
-  if value is None:
-    del state_dict[key]
-  else:
-    state_dict[key] = value
-  with pytest.raises(hf_image.ConversionError, match=expected) as err:
-    hf_image.params_from_hf(state_dict, ckpt[1])
-  assert key in str(err.value)
+  hf_parity.assert_names_offending_key(hf_image, ckpt, key, value, expected)
 
 
 def test_converter_reports_all_problems_at_once(ckpt):
@@ -340,7 +284,7 @@ def test_converter_reports_all_problems_at_once(ckpt):
 
 def test_converter_rejects_an_audio_checkpoint(ckpt):
   """Another model's checkpoint fails clearly, with its config or with ours."""
-  audio_sd, audio_config, _ = load_reference(AUDIO_FIXTURE)
+  audio_sd, audio_config = hf_parity.load_checkpoint(hf_parity.AUDIO_FIXTURE)
   with pytest.raises(hf_image.ConversionError, match="model_type is 'data2vec-audio'"):
     hf_image.params_from_hf(audio_sd, audio_config)
   with pytest.raises(hf_image.ConversionError, match="Data2VecAudio state dict") as err:
@@ -453,23 +397,10 @@ def test_export_round_trip(small):
   assert {k: config[k] for k in fields} == {k: hf_config[k] for k in fields}
   again = hf_image.params_from_hf(exported, config, init_params=params)
   jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(params))
-  prefixed = hf_image.params_to_hf(params, prefix=hf_image.TASK_MODEL_PREFIX)
-  assert all(k.startswith(hf_image.TASK_MODEL_PREFIX) for k in prefixed)
-  with pytest.raises(hf_image.ConversionError, match="no HF counterpart: encoder/extra"):
-    hf_image.params_to_hf({**params, "encoder": {**params["encoder"], "extra": np.zeros(3)}})
+  hf_parity.assert_export_prefix_and_extra(hf_image, params)
 
 
 # ----------------------------------------------------------------------------- live HF models
-
-
-def _torch_python():
-  """An interpreter with torch and transformers, or None (see the module docstring)."""
-  if os.environ.get("D2V_TORCH_PYTHON"):
-    return os.environ["D2V_TORCH_PYTHON"]
-  if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-    return sys.executable
-  venv = ROOT / ".venv-torch" / "bin" / "python"
-  return str(venv) if venv.exists() else None
 
 
 LIVE_CONFIGS = {
@@ -503,22 +434,12 @@ LIVE_CONFIGS = {
 BASE_CONFIG = dict(use_mask_token=True)
 
 
-def _run_fixture_script(args):
-  python = _torch_python()
-  if python is None:
-    pytest.skip("no interpreter with torch + transformers (set D2V_TORCH_PYTHON or .venv-torch)")
-  cmd = [python, str(FIXTURE_SCRIPT), *args, "--seed", "3"]
-  proc = subprocess.run(
-    cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600
-  )
-  assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-
-
 @pytest.fixture(scope="module")
 def live_dir(tmp_path_factory):
   """Every model of LIVE_CONFIGS from one torch subprocess (torch imports once)."""
   out = tmp_path_factory.mktemp("hf_image_live")
-  _run_fixture_script(["--out", str(out), "--configs", json.dumps(LIVE_CONFIGS), "--batch", "3"])
+  args = ["--out", str(out), "--configs", json.dumps(LIVE_CONFIGS), "--batch", "3"]
+  hf_parity.run_fixture_script(FIXTURE_SCRIPT, args)
   return out
 
 
@@ -541,5 +462,6 @@ def test_live_hf_parity(name, live_dir):
 @pytest.mark.slow
 def test_live_hf_parity_base(tmp_path):
   out = tmp_path / "base.npz"
-  _run_fixture_script(["--out", str(out), "--config", json.dumps(BASE_CONFIG), "--batch", "1"])
+  args = ["--out", str(out), "--config", json.dumps(BASE_CONFIG), "--batch", "1"]
+  hf_parity.run_fixture_script(FIXTURE_SCRIPT, args)
   check_live(out)

@@ -446,3 +446,285 @@ def test_block_mask_sharded_output_matches_unsharded():
   assert len(sharded.addressable_shards) == 4
   unsharded = jax.jit(fn)(jax.device_put(key, jax.devices()[0]))
   np.testing.assert_array_equal(np.asarray(sharded), np.asarray(unsharded))
+
+
+# --- Text masking (data2vec 1.0 text, spec §1.2) ----------------------------------------------
+#
+# Reference: fairseq `MaskTokensDataset.__getitem_cached__` (mask_stdev 0, no whole-word masking)
+# ported to numpy and run on a row's maskable tokens only (fairseq's item also holds `<s>` and
+# `</s>`, which ours never masks; see masking.py). Two batches per scheme, drawn once (jitted,
+# vmapped over keys): EQUAL, 8 rows of 210 tokens with specials mid-row (204 maskable), and
+# UNEQUAL, 4 rows of 210, 150, 210, 190 tokens (the second is the shortest, 144 maskable).
+
+SPECIALS = masking.ROBERTA_SPECIAL_IDS  # <s> 0, <pad> 1, </s> 2, <unk> 3
+VOCAB, MASK_ID = 1000, 999
+INTERIOR = ((20, 2), (21, 0), (33, 3), (47, 2))  # </s> <s> mid-row, <unk>, another </s>
+EQUAL, UNEQUAL = (210,) * 8, (210, 150, 210, 190)
+
+
+def fairseq_mask_tokens(
+  rng, sz, mask_prob, mask_multiple_length=1, leave_unmasked_prob=0.1, random_token_prob=0.1
+):
+  """fairseq MaskTokensDataset over `sz` tokens: (chosen, unmask, rand_mask) bool[sz]."""
+  mask = np.full(sz, False)
+  num_mask = int(mask_prob * sz / float(mask_multiple_length) + rng.random())
+  mask_idc = rng.choice(sz, num_mask, replace=False)
+  mask_idc = np.concatenate([mask_idc + i for i in range(mask_multiple_length)])
+  mask_idc = mask_idc[mask_idc < len(mask)]
+  mask[mask_idc] = True
+  rand_or_unmask_prob = random_token_prob + leave_unmasked_prob
+  unmask = rand_mask = np.zeros(sz, bool)
+  if rand_or_unmask_prob > 0.0:
+    rand_or_unmask = mask & (rng.random(sz) < rand_or_unmask_prob)
+    decision = rng.random(sz) < leave_unmasked_prob / rand_or_unmask_prob
+    unmask, rand_mask = rand_or_unmask & decision, rand_or_unmask & ~decision
+  return mask, unmask, rand_mask
+
+
+@functools.cache
+def _fairseq_spans(sz, num, seed=2, prob=0.35, length=4):
+  """`num` fairseq span masks (mask_prob 0.35, mask_multiple_length 4) bool[num, sz]."""
+  rng = np.random.default_rng(seed)
+  return np.stack([fairseq_mask_tokens(rng, sz, prob, length, 0.0, 0.0)[0] for _ in range(num)])
+
+
+def text_batch(valid, total, interior=INTERIOR, seed=0):
+  """int32 tokens [B, total] and padding: `<s>`, random words in [4, MASK_ID), `</s>` at
+  valid − 1, `<pad>` after; `interior` = (column, id) specials put in every row."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, MASK_ID, (len(valid), total)).astype(np.int32)
+  pad = padding_for(valid, total)
+  tokens[:, 0] = 0
+  tokens[np.arange(len(valid)), np.asarray(valid) - 1] = 2
+  for col, i in interior:
+    tokens[:, col] = i
+  tokens[pad] = 1
+  return tokens, pad
+
+
+def maskable_of(tokens, pad):
+  return ~pad & ~np.isin(tokens, SPECIALS + (MASK_ID,))
+
+
+def _text_fn(scheme, **kw):
+  if scheme == "bert":
+    fn, kw = masking.bert_mask, dict(vocab_size=VOCAB) | kw
+  else:
+    fn = masking.text_span_mask
+  return functools.partial(fn, special_ids=SPECIALS, mask_id=MASK_ID, **kw)
+
+
+@functools.cache
+def _text_draws(scheme, valid, num, interior=INTERIOR, seed=0, **kw):
+  """`num` jitted draws of a `valid` batch of 210 tokens, one per key of split(key(seed), num):
+  corrupted, mask, replaced_by_mask [num, B, L], then the batch's tokens and padding."""
+  tokens, pad = text_batch(valid, 210, interior)
+  fn = _text_fn(scheme, **dict(kw))
+  # lax.map: one draw per key, as vmap, but compiles in about half the time.
+  draw = jax.jit(lambda ks: jax.lax.map(lambda k: fn(k, jnp.asarray(tokens), jnp.asarray(pad)), ks))
+  out = draw(jax.random.split(jax.random.key(seed), num))
+  return tuple(np.asarray(x) for x in out) + (tokens, pad)
+
+
+@pytest.mark.parametrize("scheme", ["bert", "span"])
+@pytest.mark.parametrize("valid", [EQUAL, UNEQUAL])
+def test_text_masks_skip_specials_and_padding(scheme, valid):
+  """Never a special, `<mask>` or pad position; the same count in every row; corrupted tokens
+  differ from the input only at masked positions, `<mask>` exactly at replaced_by_mask."""
+  corrupted, mask, replaced, tokens, pad = _text_draws(scheme, valid, 1500)
+  maskable = maskable_of(tokens, pad)
+  assert mask.any() and not (mask & ~maskable[None]).any(), "masked a special or pad token"
+  counts = mask.sum(-1)
+  assert (counts == counts[:, :1]).all(), "rows must have the same masked count"
+  assert not (replaced & ~mask).any()
+  assert ((corrupted == MASK_ID) == replaced).all()
+  assert (corrupted[~mask] == np.broadcast_to(tokens, mask.shape)[~mask]).all()
+  assert not np.isin(corrupted[mask], SPECIALS).any(), "a random token was special"
+  if scheme == "span":
+    assert (replaced == mask).all()
+  else:
+    assert 0.7 < replaced.sum() / mask.sum() < 0.9
+  assert corrupted.dtype == np.int32 and mask.dtype == bool and replaced.dtype == bool
+
+
+def test_bert_count_is_fairseqs_count_of_the_shortest_row():
+  """K = ⌊0.15·V + u⌋ for V = the shortest row's maskable tokens: for 204 tokens K ∈ {30, 31},
+  mean 30.6 as fairseq's int(0.15·sz + rand). (The smallest of the 8 rows' own draws, span_mask's
+  rule, would give mean 30.02.) The UNEQUAL batch gets its 144-token row's K ∈ {21, 22}."""
+  _, mask, _, _, _ = _text_draws("bert", EQUAL, 1500)
+  ours = mask.sum(-1)[:, 0]
+  rng = np.random.default_rng(0)
+  ref = np.array([fairseq_mask_tokens(rng, 204, 0.15)[0].sum() for _ in range(3000)])
+  assert set(np.unique(ours)) == set(np.unique(ref)) == {30, 31}
+  # sd of K is 0.49: standard errors 0.013 (ours), 0.009 (reference).
+  assert abs(ours.mean() - ref.mean()) < 0.06, (ours.mean(), ref.mean())
+  assert abs(ours.mean() - 30.6) < 0.05
+  _, mask, _, _, _ = _text_draws("bert", UNEQUAL, 1500)
+  assert set(np.unique(mask.sum(-1))) == {21, 22}
+  assert abs(mask.sum(-1).mean() - 21.6) < 0.05
+
+
+def test_bert_positions_uniform_over_maskable_tokens():
+  """Each maskable token is chosen with probability K/V ≈ 0.15: flat along the row (also next to
+  the specials mid-row), first and second half alike, in every row."""
+  _, mask, _, tokens, pad = _text_draws("bert", EQUAL, 1500)
+  maskable = maskable_of(tokens, pad)[0]
+  freq = mask.mean(0)  # [B, L]
+  expected = mask.sum(-1).mean() / maskable.sum()  # ≈ 0.15
+  # sd of one position's frequency over 1500 draws ≈ 0.009.
+  np.testing.assert_array_less(np.abs(freq[:, maskable] - expected), 0.045)
+  assert not freq[:, ~maskable].any()
+  cols = np.flatnonzero(maskable)
+  first, second = cols[: len(cols) // 2], cols[len(cols) // 2 :]
+  assert abs(freq[:, first].mean() - freq[:, second].mean()) < 0.005
+
+
+def test_bert_80_10_10_is_per_token_bernoulli():
+  """Of the chosen tokens ≈80% become `<mask>`, 10% a random token, 10% stay, as in fairseq's
+  reference; each row's split varies (independent per token, not exact proportions)."""
+  corrupted, mask, replaced, tokens, _ = _text_draws("bert", EQUAL, 1500)
+  tokens = np.broadcast_to(tokens, mask.shape)
+  changed = mask & ~replaced & (corrupted != tokens)  # random (a 1-in-995 draw of itself stays)
+  kept = mask & (corrupted == tokens)
+  total = mask.sum()  # ~367k
+  fractions = np.array([replaced.sum(), changed.sum(), kept.sum()]) / total
+  rng = np.random.default_rng(1)
+  ref = np.zeros(3)
+  for _ in range(3000):
+    chosen, unmask, rand = fairseq_mask_tokens(rng, 204, 0.15)
+    ref += [(chosen & ~unmask & ~rand).sum(), rand.sum(), unmask.sum()]
+  ref /= ref.sum()
+  # Standard errors: ≤ 0.0007 (ours), ≤ 0.0013 (reference, ~92k tokens).
+  np.testing.assert_allclose(fractions, [0.8, 0.1, 0.1], atol=0.006)
+  np.testing.assert_allclose(fractions, ref, atol=0.006)
+  per_row = replaced.sum(-1).ravel()  # Binomial(K ≈ 30.6, 0.8): sd ≈ 2.2
+  assert 1.9 < per_row.std() < 2.6, per_row.std()
+
+
+def test_bert_random_tokens_uniform_over_non_special_vocabulary():
+  """random_prob 1: every chosen token becomes a random one, uniform over the 34 ids of a
+  40-token vocabulary without specials 0-3, 17 and `<mask>` 39 (a χ² test on ~50k draws)."""
+  vocab, special, mask_id = 40, SPECIALS + (17,), 39
+  tokens = jnp.full((8, 64), 20, jnp.int32)
+  pad = jnp.zeros((8, 64), bool)
+  fn = functools.partial(
+    masking.bert_mask,
+    special_ids=special,
+    mask_id=mask_id,
+    vocab_size=vocab,
+    prob=0.5,
+    random_prob=1.0,
+    leave_prob=0.0,
+  )
+  draw = jax.jit(lambda ks: jax.lax.map(lambda k: fn(k, tokens, pad), ks))
+  keys = jax.random.split(jax.random.key(3), 200)
+  corrupted, mask, replaced = (np.asarray(x) for x in draw(keys))
+  assert not replaced.any()
+  drawn = corrupted[mask]
+  counts = np.bincount(drawn, minlength=vocab)
+  allowed = np.setdiff1d(np.arange(vocab), special + (mask_id,))
+  assert counts.sum() == counts[allowed].sum(), "drew a special id"
+  expected = len(drawn) / len(allowed)
+  chi2 = ((counts[allowed] - expected) ** 2 / expected).sum()
+  assert chi2 < 75, chi2  # 33 degrees of freedom: P(χ² > 75) ≈ 4e-5
+
+
+def test_text_span_shortest_row_is_fairseqs():
+  """EQUAL batch without mid-row specials, row 0 (the first shortest, exactly its own spans):
+  200 maskable tokens, count mean and spread and per-position frequency as fairseq's (≈31%
+  masked; the first tokens less, only spans starting at or before them; spans cut at the end)."""
+  _, mask, _, _, _ = _text_draws("span", (202,) * 8, 2000, ())
+  ours = mask[:, 0, 1:201]  # the maskable tokens
+  assert not mask[:, :, 201:].any() and not mask[:, :, 0].any()
+  ref = _fairseq_spans(200, 4000)
+  mean, sd = ours.sum(1).mean(), ours.sum(1).std()  # ≈ 61.3, 3.9
+  assert abs(mean - ref.sum(1).mean()) < 0.6, (mean, ref.sum(1).mean())
+  assert abs(sd - ref.sum(1).std()) < 0.4, (sd, ref.sum(1).std())
+  assert 0.29 < ours.mean() < 0.33
+  # sd of one position's frequency ≈ 0.01 (ours), 0.007 (reference).
+  np.testing.assert_array_less(np.abs(ours.mean(0) - ref.mean(0)), 0.05)
+  assert ours[:, 0].mean() < 0.13 and ref[:, 0].mean() < 0.13  # ≈ 0.35 / 4
+  assert ours[:, -1].mean() > 0.25
+
+
+def test_text_span_batch_count_is_unbiased():
+  """8 equal rows share one count K, distributed as fairseq's union for one row (mean ≈ 61.3, sd
+  ≈ 3.9): cutting to the smallest of the 8 rows' unions would lower the mean to 55.6. The other
+  rows (spans until K) mask each position as often as row 0."""
+  _, mask, _, _, _ = _text_draws("span", (202,) * 8, 2000, ())
+  counts = mask.sum(-1)
+  assert (counts == counts[:, :1]).all()
+  ref = _fairseq_spans(200, 4000).sum(1)
+  assert abs(counts[:, 0].mean() - ref.mean()) < 0.6, (counts[:, 0].mean(), ref.mean())
+  assert abs(counts[:, 0].std() - ref.std()) < 0.4, (counts[:, 0].std(), ref.std())
+  freq = mask[:, :, 1:201].mean(0)  # [B, 200]
+  np.testing.assert_array_less(np.abs(freq[1:].mean(0) - freq[0]), 0.05)
+
+
+def _short_inner_runs(row, maskable, length):
+  """Runs of `row` shorter than `length` that touch no special, pad or row end (not cut)."""
+  edge = np.concatenate([[False], maskable, [False]])  # edge[i + 1] = maskable[i]
+  return [
+    (start, size)
+    for start, size in _runs(row)
+    if size < length and edge[start] and edge[start + size + 1]
+  ]
+
+
+def test_text_span_runs_are_whole_spans():
+  """Spans have length 4 unless cut by a special, the padding or the end: a row's masked runs
+  are unions of whole spans, except at most one shortened last span per row, and none in the
+  batch's shortest row (its count is its own union). Sparse spans (prob 0.05) are mostly runs
+  of exactly 4."""
+  _, mask, _, tokens, pad = _text_draws("span", UNEQUAL, 1500)
+  maskable = maskable_of(tokens, pad)
+  shortened = np.zeros(4, int)
+  for draw in mask[:500]:
+    for b in range(4):
+      short = _short_inner_runs(draw[b], maskable[b], 4)
+      assert len(short) <= 1, short
+      shortened[b] += len(short)
+  assert shortened[1] == 0, "the shortest row is cut to its own count: whole spans"
+  assert shortened[[0, 2, 3]].sum() > 300, shortened  # about half the other rows
+  _, mask, _, tokens, pad = _text_draws("span", (202,), 500, (), prob=0.05)
+  maskable = maskable_of(tokens, pad)[0]
+  assert not any(_short_inner_runs(row, maskable, 4) for row in mask[:, 0])
+  runs = np.array([size for row in mask[:, 0] for _, size in _runs(row)])
+  assert np.mean(runs == 4) > 0.8, np.bincount(runs)
+
+
+@functools.cache
+def _text_single(scheme):
+  return jax.jit(_text_fn(scheme))
+
+
+@pytest.mark.parametrize("scheme", ["bert", "span"])
+def test_text_masks_keys_rows_and_jit(scheme):
+  """A jitted call with one key gives that key's draw of `_text_draws`, and repeats; keys and
+  rows differ."""
+  draws = _text_draws(scheme, UNEQUAL, 1500)
+  tokens, pad = (jnp.asarray(x) for x in draws[3:])
+  key = jax.random.split(jax.random.key(0), 1500)[4]
+  for _ in range(2):
+    for x, y in zip(_text_single(scheme)(key, tokens, pad), draws[:3]):
+      np.testing.assert_array_equal(np.asarray(x), y[4])
+  mask = draws[1]
+  assert len({m.tobytes() for m in mask[:50, 0]}) == 50, "keys repeat a mask"
+  assert (mask[:, 0, :150] != mask[:, 2, :150]).any(1).all(), "rows repeat a mask"
+
+
+@pytest.mark.parametrize("scheme", ["bert", "span"])
+def test_text_masks_sharded_match_unsharded(scheme):
+  """Batch-sharded tokens and outputs (threefry partitionable): the same draw as on one device."""
+  mesh = sharding.make_mesh()
+  draws = _text_draws(scheme, UNEQUAL, 1500)
+  batch = sharding.put_batch({"tokens": draws[3], "pad": draws[4]}, mesh)
+  key = jax.random.split(jax.random.key(0), 1500)[4]
+  sharded = jax.jit(
+    _text_fn(scheme),
+    in_shardings=(sharding.replicated(mesh),) + (sharding.batch_sharded(mesh),) * 2,
+    out_shardings=sharding.batch_sharded(mesh),
+  )(key, batch["tokens"], batch["pad"])
+  assert len(sharded[0].addressable_shards) == 4
+  for x, y in zip(sharded, draws[:3]):
+    np.testing.assert_array_equal(np.asarray(x), y[4])

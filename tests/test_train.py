@@ -1,5 +1,6 @@
 """End-to-end tests of the pretraining loop: resume equivalence, NaN handling, kill and restart."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -13,18 +14,27 @@ import numpy as np
 import pytest
 
 from configs import audio as audio_config
+from configs import image as image_config
 from d2v_jax import checkpoint, metrics, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny_config(total_steps: int = 6):
-  """The smallest audio run that still exercises every part of the loop."""
-  config = audio_config.get_config("variant=tiny")
+def tiny_config(total_steps: int = 6, modality: str = "audio"):
+  """The smallest run of `modality` that still exercises every part of the loop."""
+  if modality == "audio":
+    config = audio_config.get_config("variant=tiny")
+  else:
+    config = image_config.get_config("variant=tiny")
   with config.unlocked():
-    config.model.update(num_layers=2, dim=32, num_heads=4, mlp_dim=64, conv_dim=16)
+    config.model.update(num_layers=2, dim=32, num_heads=4, mlp_dim=64)
     config.targets.top_k = 2
-    config.input.update(batch_size=8, crop_lengths=(4000, 8000), min_length=4000)
+    if modality == "audio":
+      config.model.conv_dim = 16
+      config.input.update(batch_size=8, crop_lengths=(4000, 8000), min_length=4000)
+    else:
+      config.model.image_size = 16  # 4x4 patches of 4x4
+      config.input.batch_size = 8
     config.loop.update(
       total_steps=total_steps,
       log_every=1,
@@ -42,8 +52,9 @@ def restore_params(workdir, config, step):
   return ckpt.restore(step, checkpoint.abstract_state(make_state))
 
 
-def test_resumed_run_matches_uninterrupted(tmp_path):
-  config = tiny_config(total_steps=6)
+@pytest.mark.parametrize("modality", ["audio", "image"])
+def test_resumed_run_matches_uninterrupted(tmp_path, modality):
+  config = tiny_config(total_steps=6, modality=modality)
   train.train_and_evaluate(config, tmp_path / "straight")
 
   interrupted = tmp_path / "interrupted"
@@ -80,6 +91,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     other.model.dim = 48
   with pytest.raises(ValueError, match="model.dim: checkpoint has 32, config has 48"):
     train.train_and_evaluate(other, tmp_path)
+  with pytest.raises(ValueError, match="modality: checkpoint has 'audio', config has 'image'"):
+    train.train_and_evaluate(tiny_config(total_steps=6, modality="image"), tmp_path)
+  # The refused runs left the workdir's record of its own config alone.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["modality"] == "audio" and saved["model"]["dim"] == 32
 
 
 def test_killed_run_resumes_from_saved_step(tmp_path):

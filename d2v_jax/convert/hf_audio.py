@@ -24,39 +24,24 @@ output unit h*Dh + d is head h, dim d); out_proj -> [H, Dh, D]. Data2VecAudio's 
 no weight norm (unlike wav2vec 2.0), so `weight_g`/`weight_v` keys are rejected as unknown.
 """
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import traverse_util
 
-from d2v_jax.models import audio, data2vec, variants
+from d2v_jax.convert import common
+from d2v_jax.models import audio, data2vec
+
+# One error type for every converter: `except ConversionError` catches every modality.
+ConversionError = common.ConversionError
 
 # Top-level entries of our tree that HF never provides (see the module docstring).
-NOT_IN_HF = ("final_proj",)
+NOT_IN_HF = common.NOT_IN_HF
 
 # Prefix of the base model inside HF task models (`Data2VecAudioForCTC` etc.): pass it as `prefix`.
 TASK_MODEL_PREFIX = "data2vec_audio."
-
-
-class ConversionError(ValueError):
-  """The HF config or state dict does not map exactly onto our model."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  path: tuple[str, ...]  # path in our params tree
-  hf_shape: tuple[int, ...]  # expected shape in the state dict
-  to_ours: Callable[[np.ndarray], np.ndarray]
-
-
-def _get(hf_config: Any) -> dict:
-  return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -65,13 +50,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   Raises:
     ConversionError: if the HF config uses an option our model does not implement.
   """
-  c = _get(hf_config)
-  problems = []
-
-  def require(ok, message):
-    if not ok:
-      problems.append(message)
-
+  c = common.config_dict(hf_config)
+  require = common.Requirements()
   model_type = c.get("model_type", "data2vec-audio")
   require(model_type == "data2vec-audio", f"model_type is {model_type!r}, not 'data2vec-audio'")
   conv_dim = list(c["conv_dim"])
@@ -100,8 +80,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   require(dim % heads == 0, f"hidden_size {dim} not divisible by num_attention_heads {heads}")
   groups = c["num_conv_pos_embedding_groups"]
   require(dim % groups == 0, f"hidden_size {dim} not divisible by pos-conv groups {groups}")
-  if problems:
-    raise ConversionError("Unsupported Data2VecAudio config:\n  " + "\n  ".join(problems))
+  require.raise_if_any("Data2VecAudio")
 
   sizes = dict(
     num_layers=c["num_hidden_layers"],
@@ -114,14 +93,9 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     pos_conv_kernel=c["conv_pos_kernel_size"],
     pos_conv_groups=groups,
   )
-  # The explicit sizes override the variant's in `build_model`; the variant is only a label, so
-  # name the one that matches if any.
-  variant = next(
-    (v for v in ("tiny", "base", "large") if variants.decode_variant("audio", v) == sizes), "base"
-  )
   return ml_collections.ConfigDict(
     dict(
-      variant=variant,
+      variant=common.variant_for("audio", sizes),
       **sizes,
       dropout=float(c["hidden_dropout"]),
       attention_dropout=float(c["attention_dropout"]),
@@ -133,77 +107,53 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   )
 
 
-def _expected_keys(c: dict) -> dict[str, _Entry]:
-  """Every HF key of a Data2VecAudioModel with `c`, its expected shape and its conversion."""
+def _expected_keys(c: dict) -> common.KeyTable:
+  """Every HF key of a Data2VecAudioModel with `c`, its expected shape and its conversions."""
   dim, heads, mlp = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
-  head_dim = dim // heads
   conv_dim = c["conv_dim"][0]
   pos_k, groups = c["conv_pos_kernel_size"], c["num_conv_pos_embedding_groups"]
 
-  conv = lambda w: w.transpose(2, 1, 0)  # noqa: E731  [out, in/g, k] -> [k, in/g, out]
-  same = lambda w: w  # noqa: E731
-  linear = lambda w: w.T  # noqa: E731
-  keys = {}
-
-  def add(hf_name, path, hf_shape, fn=same):
-    keys[hf_name] = _Entry(tuple(path.split("/")), tuple(hf_shape), fn)
-
-  def add_norm(hf_name, path, size):
-    add(f"{hf_name}.weight", f"{path}/scale", (size,))
-    add(f"{hf_name}.bias", f"{path}/bias", (size,))
+  conv = lambda w: w.transpose(2, 1, 0)  # noqa: E731  [out, in/g, k] <-> [k, in/g, out]
+  keys = common.KeyTable()
 
   fe = "frontend/feature_extractor"
   for j, k in enumerate(c["conv_kernel"]):
     hf, in_dim = f"feature_extractor.conv_layers.{j}", 1 if j == 0 else conv_dim
-    add(f"{hf}.conv.weight", f"{fe}/conv_{j}/kernel", (conv_dim, in_dim, k), conv)
-    add_norm(f"{hf}.layer_norm", f"{fe}/norm_{j}", conv_dim)
-  add_norm("feature_projection.layer_norm", "frontend/feature_norm", conv_dim)
-  add("feature_projection.projection.weight", "frontend/projection/kernel", (dim, conv_dim), linear)
-  add("feature_projection.projection.bias", "frontend/projection/bias", (dim,))
+    keys.add(f"{hf}.conv.weight", f"{fe}/conv_{j}/kernel", (conv_dim, in_dim, k), conv, conv)
+    keys.add_norm(f"{hf}.layer_norm", f"{fe}/norm_{j}", conv_dim)
+  keys.add_norm("feature_projection.layer_norm", "frontend/feature_norm", conv_dim)
+  keys.add_linear("feature_projection.projection", "frontend/projection", dim, conv_dim)
 
   for j in range(c["num_conv_pos_embeddings"]):
-    hf = f"encoder.pos_conv_embed.layers.{j}.conv"
-    add(f"{hf}.weight", f"encoder/pos_conv/conv_{j}/kernel", (dim, dim // groups, pos_k), conv)
-    add(f"{hf}.bias", f"encoder/pos_conv/conv_{j}/bias", (dim,))
-  add_norm("encoder.layer_norm", "encoder/layer_norm", dim)
+    hf, ours = f"encoder.pos_conv_embed.layers.{j}.conv", f"encoder/pos_conv/conv_{j}"
+    keys.add(f"{hf}.weight", f"{ours}/kernel", (dim, dim // groups, pos_k), conv, conv)
+    keys.add(f"{hf}.bias", f"{ours}/bias", (dim,))
+  keys.add_norm("encoder.layer_norm", "encoder/layer_norm", dim)
 
   for i in range(c["num_hidden_layers"]):
     hf, ours = f"encoder.layers.{i}", f"encoder/blocks/layer_{i:02d}"
     for proj, name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-      add(
-        f"{hf}.attention.{proj}.weight",
-        f"{ours}/attention/{name}/kernel",
-        (dim, dim),
-        lambda w: w.T.reshape(dim, heads, head_dim),
-      )
-      add(
-        f"{hf}.attention.{proj}.bias",
-        f"{ours}/attention/{name}/bias",
-        (dim,),
-        lambda b: b.reshape(heads, head_dim),
-      )
-    add(
-      f"{hf}.attention.out_proj.weight",
-      f"{ours}/attention/out/kernel",
-      (dim, dim),
-      lambda w: w.T.reshape(heads, head_dim, dim),
-    )
-    add(f"{hf}.attention.out_proj.bias", f"{ours}/attention/out/bias", (dim,))
-    add_norm(f"{hf}.layer_norm", f"{ours}/attention_norm", dim)
-    ff = f"{hf}.feed_forward"
-    add(f"{ff}.intermediate_dense.weight", f"{ours}/fc1/kernel", (mlp, dim), linear)
-    add(f"{ff}.intermediate_dense.bias", f"{ours}/fc1/bias", (mlp,))
-    add(f"{ff}.output_dense.weight", f"{ours}/fc2/kernel", (dim, mlp), linear)
-    add(f"{ff}.output_dense.bias", f"{ours}/fc2/bias", (dim,))
-    add_norm(f"{hf}.final_layer_norm", f"{ours}/ffn_norm", dim)
+      keys.add_heads_in(f"{hf}.attention.{proj}", f"{ours}/attention/{name}", dim, heads)
+    keys.add_heads_out(f"{hf}.attention.out_proj", f"{ours}/attention/out", dim, heads)
+    keys.add_norm(f"{hf}.layer_norm", f"{ours}/attention_norm", dim)
+    keys.add_linear(f"{hf}.feed_forward.intermediate_dense", f"{ours}/fc1", mlp, dim)
+    keys.add_linear(f"{hf}.feed_forward.output_dense", f"{ours}/fc2", dim, mlp)
+    keys.add_norm(f"{hf}.final_layer_norm", f"{ours}/ffn_norm", dim)
 
-  add("masked_spec_embed", "mask_emb", (dim,))
+  keys.add("masked_spec_embed", "mask_emb", (dim,))
   return keys
 
 
 def _has_mask_embedding(c: dict) -> bool:
   """HF creates `masked_spec_embed` only when a SpecAugment probability is positive."""
   return c.get("mask_time_prob", 0.0) > 0.0 or c.get("mask_feature_prob", 0.0) > 0.0
+
+
+def _hints(unknown: list[str], prefix: str) -> list[str]:
+  """Explanations for common kinds of unknown keys."""
+  if any("weight_g" in k or "parametrizations" in k for k in unknown):
+    return ["hint: weight-norm keys belong to wav2vec 2.0; Data2VecAudio's pos conv has none"]
+  return []
 
 
 def params_from_hf(
@@ -232,62 +182,18 @@ def params_from_hf(
   Raises:
     ConversionError: listing every unknown, missing or mis-shaped key.
   """
-  c = _get(hf_config)
+  c = common.config_dict(hf_config)
   config_from_hf(c)  # validates the architecture before we trust its sizes
   expected = _expected_keys(c)
-  optional = set() if _has_mask_embedding(c) else {"masked_spec_embed"}
-
-  given = {}
-  unknown = []
-  for key, value in state_dict.items():
-    if key.startswith(prefix) and key[len(prefix) :] in expected:
-      given[key[len(prefix) :]] = value
-    else:
-      unknown.append(key)
-  missing = [prefix + k for k in expected if k not in given and k not in optional]
-  misshaped = [
-    f"{prefix + k}: got {tuple(np.shape(v))}, expected {expected[k].hf_shape}"
-    for k, v in given.items()
-    if tuple(np.shape(v)) != expected[k].hf_shape
-  ]
-  if unknown or missing or misshaped:
-    lines = []
-    if unknown:
-      lines.append(f"unknown keys ({len(unknown)}): " + ", ".join(sorted(unknown)))
-      if any("weight_g" in k or "parametrizations" in k for k in unknown):
-        lines.append(
-          "hint: weight-norm keys belong to wav2vec 2.0; Data2VecAudio's pos conv has none"
-        )
-    if missing:
-      lines.append(f"missing keys ({len(missing)}): " + ", ".join(sorted(missing)))
-    if misshaped:
-      lines.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(sorted(misshaped)))
-    raise ConversionError("HF Data2VecAudio state dict does not match:\n  " + "\n  ".join(lines))
-
-  flat = {
-    expected[k].path: expected[k].to_ours(np.asarray(v, dtype=np.float32)) for k, v in given.items()
-  }
-  if init_params is not None:
-    flat = _merge(flat, init_params)
-  return traverse_util.unflatten_dict(flat)
-
-
-def _merge(converted: dict, init_params: Mapping[str, Any]) -> dict:
-  """Completes `converted` from `init_params`; every leaf must line up in path and shape."""
-  init = traverse_util.flatten_dict(dict(init_params))
-  problems = [
-    f"{'/'.join(p)}: converted {v.shape}, model {np.shape(init[p])}"
-    for p, v in converted.items()
-    if p in init and v.shape != np.shape(init[p])
-  ]
-  problems += [f"{'/'.join(p)}: not in the model" for p in converted if p not in init]
-  allowed = {(name,) for name in NOT_IN_HF} | {("mask_emb",)}
-  for p in init:
-    if p not in converted and p[:1] not in allowed:
-      problems.append(f"{'/'.join(p)}: in the model but not filled by the converter")
-  if problems:
-    raise ConversionError("Converted tree does not match the model:\n  " + "\n  ".join(problems))
-  return {p: converted.get(p, np.asarray(init[p])) for p in init}
+  given = common.check_state_dict(
+    state_dict,
+    expected.shapes(),
+    model_name="Data2VecAudio",
+    prefix=prefix,
+    optional=() if _has_mask_embedding(c) else ("masked_spec_embed",),
+    hints=_hints,
+  )
+  return common.params_tree(common.convert(given, expected), init_params)
 
 
 def build_from_hf(
@@ -303,14 +209,7 @@ def build_from_hf(
   """
   model_cfg = config_from_hf(hf_config)
   model = data2vec.build_model("audio", model_cfg)
-  rngs = {"params": jax.random.key(seed)}
-  # The full tree only as shapes (tracing, no XLA compile: RNG-heavy init compiles slowly on
-  # CPU), to check the converted tree against; real values only for what HF lacks. Running just
-  # `predict` creates `final_proj` and, through `setup`, `mask_emb`; flax derives each module's
-  # init RNG from its path, so they equal a full `model.init` with the same seed.
   audio_in = jnp.zeros((1, 400)), jnp.zeros((1, 400), bool)  # one receptive field -> one frame
-  shapes = jax.eval_shape(lambda: model.init(rngs, *audio_in))["params"]
-  head = model.init(rngs, jnp.zeros((1, model_cfg.dim)), method="predict")["params"]
-  init_params = {**shapes, **jax.device_get(head)}
+  init_params = common.init_shapes_and_head(model, audio_in, seed)
   params = params_from_hf(state_dict, hf_config, init_params=init_params, prefix=prefix)
   return model, model_cfg, params

@@ -37,25 +37,22 @@ checkpoints also store that index as `encoder.relative_position_bias.relative_po
 is not a parameter of ours, and it is checked against our index, not converted.
 """
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
-from d2v_jax.convert import hf_audio
-from d2v_jax.models import data2vec, image, variants
+from d2v_jax.convert import common
+from d2v_jax.models import data2vec, image
 
-# One error type for every converter: `except ConversionError` catches audio and image alike.
-ConversionError = hf_audio.ConversionError
+# One error type for every converter: `except ConversionError` catches every modality.
+ConversionError = common.ConversionError
 
 # Top-level entries of our tree that HF never provides (see the module docstring).
-NOT_IN_HF = ("final_proj",)
+NOT_IN_HF = common.NOT_IN_HF
 
 # Prefix of the base model inside HF task models (`Data2VecVisionForImageClassification`,
 # `...ForSemanticSegmentation`): pass it as `prefix`.
@@ -66,18 +63,6 @@ ORIGINAL_LAYER_NORM_EPS = 1e-6
 
 # Buffers of older HF checkpoints: not parameters, checked against our index instead.
 _INDEX_KEY = "encoder.relative_position_bias.relative_position_index"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  path: tuple[str, ...]  # path in our params tree
-  hf_shape: tuple[int, ...]  # expected shape in the state dict
-  to_ours: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-def _get(hf_config: Any) -> dict:
-  return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
 
 
 def _side(value) -> int | None:
@@ -94,13 +79,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   Raises:
     ConversionError: if the HF config uses an option our model does not implement.
   """
-  c = _get(hf_config)
-  problems = []
-
-  def require(ok, message):
-    if not ok:
-      problems.append(message)
-
+  c = common.config_dict(hf_config)
+  require = common.Requirements()
   model_type = c.get("model_type", "data2vec-vision")
   require(model_type == "data2vec-vision", f"model_type is {model_type!r}, not 'data2vec-vision'")
   image_size, patch_size = _side(c.get("image_size", 224)), _side(c.get("patch_size", 16))
@@ -140,8 +120,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   require(dim % heads == 0, f"hidden_size {dim} not divisible by num_attention_heads {heads}")
   layer_scale = float(c.get("layer_scale_init_value", 0.1))
   require(layer_scale >= 0, f"layer_scale_init_value {layer_scale} < 0")
-  if problems:
-    raise ConversionError("Unsupported Data2VecVision config:\n  " + "\n  ".join(problems))
+  require.raise_if_any("Data2VecVision")
 
   sizes = dict(
     num_layers=c["num_hidden_layers"],
@@ -151,14 +130,9 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     image_size=image_size,
     patch_size=patch_size,
   )
-  # The explicit sizes override the variant's in `build_model`; the variant is only a label, so
-  # name the one that matches if any.
-  variant = next(
-    (v for v in ("tiny", "base", "large") if variants.decode_variant("image", v) == sizes), "base"
-  )
   return ml_collections.ConfigDict(
     dict(
-      variant=variant,
+      variant=common.variant_for("image", sizes),
       **sizes,
       dropout=float(c.get("hidden_dropout_prob", 0.0)),
       attention_dropout=float(c.get("attention_probs_dropout_prob", 0.0)),
@@ -171,39 +145,28 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   )
 
 
-def _expected_keys(c: dict) -> dict[str, _Entry]:
+def _expected_keys(c: dict) -> common.KeyTable:
   """Every HF key of a Data2VecVisionModel with `c`, its expected shape and its conversions."""
   dim, heads, mlp = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
-  head_dim = dim // heads
   patch, channels = _side(c.get("patch_size", 16)), c.get("num_channels", 3)
   side = _side(c.get("image_size", 224)) // patch
-  keys = {}
-
-  def add(hf_name, path, hf_shape, to_ours=lambda w: w, to_hf=lambda w: w):
-    keys[hf_name] = _Entry(tuple(path.split("/")), tuple(hf_shape), to_ours, to_hf)
-
-  def add_linear(hf_name, path, out_dim, in_dim, bias=True):
-    add(f"{hf_name}.weight", f"{path}/kernel", (out_dim, in_dim), lambda w: w.T, lambda w: w.T)
-    if bias:
-      add(f"{hf_name}.bias", f"{path}/bias", (out_dim,))
-
-  def add_norm(hf_name, path):
-    add(f"{hf_name}.weight", f"{path}/scale", (dim,))
-    add(f"{hf_name}.bias", f"{path}/bias", (dim,))
+  keys = common.KeyTable()
 
   token = dict(to_ours=lambda w: w.reshape(dim), to_hf=lambda w: w.reshape(1, 1, dim))
-  add("embeddings.cls_token", "encoder/cls_token", (1, 1, dim), **token)
+  keys.add("embeddings.cls_token", "encoder/cls_token", (1, 1, dim), **token)
   if c.get("use_mask_token", False):
-    add("embeddings.mask_token", "mask_emb", (1, 1, dim), **token)
-  add(
+    keys.add("embeddings.mask_token", "mask_emb", (1, 1, dim), **token)
+  keys.add(
     "embeddings.patch_embeddings.projection.weight",
     "frontend/patch_embed/projection/kernel",
     (dim, channels, patch, patch),
     lambda w: w.transpose(2, 3, 1, 0),  # [D, C, p, p] -> [p, p, C, D]
     lambda w: w.transpose(3, 2, 0, 1),
   )
-  add("embeddings.patch_embeddings.projection.bias", "frontend/patch_embed/projection/bias", (dim,))
-  add(
+  keys.add(
+    "embeddings.patch_embeddings.projection.bias", "frontend/patch_embed/projection/bias", (dim,)
+  )
+  keys.add(
     "encoder.relative_position_bias.relative_position_bias_table",
     "encoder/rel_pos_bias/table",
     (image.num_relative_positions((side, side)), heads),
@@ -212,38 +175,18 @@ def _expected_keys(c: dict) -> dict[str, _Entry]:
   for i in range(c["num_hidden_layers"]):
     hf, ours = f"encoder.layer.{i}", f"encoder/blocks/layer_{i:02d}"
     if c.get("layer_scale_init_value", 0.1) > 0:
-      add(f"{hf}.lambda_1", f"{ours}/attention_scale", (dim,))
-      add(f"{hf}.lambda_2", f"{ours}/ffn_scale", (dim,))
-    for name in ("query", "key", "value"):
-      add(
-        f"{hf}.attention.attention.{name}.weight",
-        f"{ours}/attention/{name}/kernel",
-        (dim, dim),
-        lambda w: w.T.reshape(dim, heads, head_dim),
-        lambda w: w.reshape(dim, dim).T,
-      )
-      if name != "key":  # BEiT: q and v biases only
-        add(
-          f"{hf}.attention.attention.{name}.bias",
-          f"{ours}/attention/{name}/bias",
-          (dim,),
-          lambda b: b.reshape(heads, head_dim),
-          lambda b: b.reshape(dim),
-        )
-    add(
-      f"{hf}.attention.output.dense.weight",
-      f"{ours}/attention/out/kernel",
-      (dim, dim),
-      lambda w: w.T.reshape(heads, head_dim, dim),
-      lambda w: w.reshape(dim, dim).T,
-    )
-    add(f"{hf}.attention.output.dense.bias", f"{ours}/attention/out/bias", (dim,))
-    add_norm(f"{hf}.layernorm_before", f"{ours}/attention_norm")
-    add_norm(f"{hf}.layernorm_after", f"{ours}/ffn_norm")
-    add_linear(f"{hf}.intermediate.dense", f"{ours}/fc1", mlp, dim)
-    add_linear(f"{hf}.output.dense", f"{ours}/fc2", dim, mlp)
+      keys.add(f"{hf}.lambda_1", f"{ours}/attention_scale", (dim,))
+      keys.add(f"{hf}.lambda_2", f"{ours}/ffn_scale", (dim,))
+    for name in ("query", "key", "value"):  # BEiT: q and v biases only
+      attention, bias = f"{hf}.attention.attention.{name}", name != "key"
+      keys.add_heads_in(attention, f"{ours}/attention/{name}", dim, heads, bias=bias)
+    keys.add_heads_out(f"{hf}.attention.output.dense", f"{ours}/attention/out", dim, heads)
+    keys.add_norm(f"{hf}.layernorm_before", f"{ours}/attention_norm", dim)
+    keys.add_norm(f"{hf}.layernorm_after", f"{ours}/ffn_norm", dim)
+    keys.add_linear(f"{hf}.intermediate.dense", f"{ours}/fc1", mlp, dim)
+    keys.add_linear(f"{hf}.output.dense", f"{ours}/fc2", dim, mlp)
 
-  add_norm("layernorm", "encoder/final_norm")
+  keys.add_norm("layernorm", "encoder/final_norm", dim)
   return keys
 
 
@@ -252,7 +195,7 @@ def _hints(unknown: list[str], prefix: str) -> list[str]:
   hints = []
 
   def any_key(*parts):
-    return any(part in k for k in unknown for part in parts)
+    return common.any_contains(unknown, *parts)
 
   if any_key("attention.attention.relative_position_bias."):
     hints.append(
@@ -268,11 +211,7 @@ def _hints(unknown: list[str], prefix: str) -> list[str]:
     hints.append("hint: this looks like a Data2VecAudio state dict (see d2v_jax.convert.hf_audio)")
   if any_key("word_embeddings"):
     hints.append("hint: this looks like a Data2VecText state dict")
-  if not prefix and any(k.startswith(TASK_MODEL_PREFIX) for k in unknown):
-    hints.append(f"hint: task-model keys; pass prefix={TASK_MODEL_PREFIX!r}")
-  if prefix and any(not k.startswith(prefix) for k in unknown):
-    hints.append(f"hint: keys outside {prefix!r} (task heads) must be dropped before converting")
-  return hints
+  return hints + common.prefix_hints(unknown, prefix, (TASK_MODEL_PREFIX,))
 
 
 def params_from_hf(
@@ -303,80 +242,38 @@ def params_from_hf(
     ConversionError: listing every unknown, missing or mis-shaped key (and a stored
       `relative_position_index` that differs from ours).
   """
-  c = _get(hf_config)
+  c = common.config_dict(hf_config)
   config_from_hf(c)  # validates the architecture before we trust its sizes
   expected = _expected_keys(c)
   side = _side(c.get("image_size", 224)) // _side(c.get("patch_size", 16))
 
-  given, unknown, bad_index = {}, [], []
-  for key, value in state_dict.items():
-    name = key[len(prefix) :] if key.startswith(prefix) else None
-    if name in expected:
-      given[name] = value
-    elif name == _INDEX_KEY:
-      ours = image.relative_position_index((side, side))
-      if np.shape(value) != ours.shape or not np.array_equal(np.asarray(value), ours):
-        bad_index.append(f"{key}: differs from image.relative_position_index({(side, side)})")
-    else:
-      unknown.append(key)
-  missing = [prefix + k for k in expected if k not in given]
-  misshaped = [
-    f"{prefix + k}: got {tuple(np.shape(v))}, expected {expected[k].hf_shape}"
-    for k, v in given.items()
-    if tuple(np.shape(v)) != expected[k].hf_shape
-  ]
-  if unknown or missing or misshaped or bad_index:
-    lines = []
-    if unknown:
-      lines.append(f"unknown keys ({len(unknown)}): " + ", ".join(sorted(unknown)))
-      lines += _hints(unknown, prefix)
-    if missing:
-      lines.append(f"missing keys ({len(missing)}): " + ", ".join(sorted(missing)))
-    if misshaped:
-      lines.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(sorted(misshaped)))
-    lines += bad_index
-    raise ConversionError("HF Data2VecVision state dict does not match:\n  " + "\n  ".join(lines))
+  def check_index(given):
+    if _INDEX_KEY not in given:
+      return []
+    value, ours = given[_INDEX_KEY], image.relative_position_index((side, side))
+    if np.shape(value) != ours.shape or not np.array_equal(np.asarray(value), ours):
+      return [f"{prefix + _INDEX_KEY}: differs from image.relative_position_index({(side, side)})"]
+    return []
 
-  flat = {
-    expected[k].path: expected[k].to_ours(np.asarray(v, dtype=np.float32)) for k, v in given.items()
-  }
-  if init_params is not None:
-    flat = _merge(flat, init_params)
-  return traverse_util.unflatten_dict(flat)
-
-
-def _merge(converted: dict, init_params: Mapping[str, Any]) -> dict:
-  """Completes `converted` from `init_params`; every leaf must line up in path and shape."""
-  init = traverse_util.flatten_dict(dict(init_params))
-  problems = [
-    f"{'/'.join(p)}: converted {v.shape}, model {np.shape(init[p])}"
-    for p, v in converted.items()
-    if p in init and v.shape != np.shape(init[p])
-  ]
-  problems += [f"{'/'.join(p)}: not in the model" for p in converted if p not in init]
-  allowed = {(name,) for name in NOT_IN_HF} | {("mask_emb",)}
-  for p in init:
-    if p not in converted and p[:1] not in allowed:
-      problems.append(f"{'/'.join(p)}: in the model but not filled by the converter")
-  if problems:
-    raise ConversionError("Converted tree does not match the model:\n  " + "\n  ".join(problems))
-  return {p: converted.get(p, np.asarray(init[p])) for p in init}
+  given = common.check_state_dict(
+    state_dict,
+    expected.shapes(),
+    model_name="Data2VecVision",
+    prefix=prefix,
+    unchecked=(_INDEX_KEY,),
+    hints=_hints,
+    extra=check_index,
+  )
+  return common.params_tree(common.convert(given, expected), init_params)
 
 
 def init_shapes_and_head(
   model: data2vec.Data2Vec, model_cfg: ml_collections.ConfigDict, num_channels: int, seed: int
 ) -> dict:
-  """`init_params` for `params_from_hf`: the full tree as shapes, real values for what HF lacks.
-
-  Only shapes (tracing, no XLA compile) for what HF replaces; running just `predict` creates
-  `final_proj` and, through `setup`, `mask_emb`; flax derives each module's init RNG from its
-  path, so they equal a full `model.init` with the same seed.
-  """
-  rngs = {"params": jax.random.key(seed)}
+  """`init_params` for `params_from_hf`: the full tree as shapes, real values for what HF lacks
+  (`final_proj`, `mask_emb`; see `common.init_shapes_and_head`)."""
   images = jnp.zeros((1, model_cfg.image_size, model_cfg.image_size, num_channels))
-  shapes = jax.eval_shape(lambda: model.init(rngs, images, None))["params"]
-  head = model.init(rngs, jnp.zeros((1, model_cfg.dim)), method="predict")["params"]
-  return {**shapes, **jax.device_get(head)}
+  return common.init_shapes_and_head(model, (images, None), seed)
 
 
 def build_from_hf(
@@ -394,7 +291,7 @@ def build_from_hf(
   """
   model_cfg = config_from_hf(hf_config)
   model = data2vec.build_model("image", model_cfg)
-  num_channels = _get(hf_config).get("num_channels", 3)
+  num_channels = common.config_dict(hf_config).get("num_channels", 3)
   init_params = init_shapes_and_head(model, model_cfg, num_channels, seed)
   params = params_from_hf(state_dict, hf_config, init_params=init_params, prefix=prefix)
   return model, model_cfg, params
@@ -457,20 +354,5 @@ def params_to_hf(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np
     ConversionError: if `params` has leaves this mapping does not cover (other than
       `final_proj`), or lacks some it needs.
   """
-  flat = traverse_util.flatten_dict(dict(params))
   expected = _expected_keys(hf_config_from_params(params))
-  paths = {e.path for e in expected.values()}
-  extra = [p for p in flat if p not in paths and p[:1] not in {(n,) for n in NOT_IN_HF}]
-  absent = [e.path for e in expected.values() if e.path not in flat]
-  if extra or absent:
-    raise ConversionError(
-      "params do not match an HF Data2VecVision model:\n  "
-      + "\n  ".join(
-        [f"no HF counterpart: {'/'.join(p)}" for p in extra]
-        + [f"missing: {'/'.join(p)}" for p in absent]
-      )
-    )
-  return {
-    prefix + k: np.ascontiguousarray(e.to_hf(np.asarray(flat[e.path], dtype=np.float32)))
-    for k, e in expected.items()
-  }
+  return common.export_state_dict(params, expected, model_name="Data2VecVision", prefix=prefix)

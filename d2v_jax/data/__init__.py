@@ -4,6 +4,8 @@ Speech: `make_audio_pretrain_dataset(config.input, seed=...)` yields bucketed, s
 `{"audio", "padding_mask"}` batches from the embedded set, a manifest, a folder or TFDS.
 Images: `make_image_pretrain_dataset(config.input, seed=...)` yields augmented
 `{"image": f32[b, S, S, 3]}` batches from the embedded digits, an image folder or TFDS.
+Text: `make_text_pretrain_dataset(config.input, seed=...)` yields RoBERTa `complete_doc` blocks
+`{"tokens", "padding_mask"}` from the embedded King James Bible, a folder of .txt files or TFDS.
 """
 
 from d2v_jax.data.audio import AudioPretrainDataset, make_audio_pretrain_dataset
@@ -24,6 +26,12 @@ from d2v_jax.data.sources import (
   make_source,
   read_audio,
 )
+from d2v_jax.data.text import (
+  TextPretrainDataset,
+  encode_for_probe,
+  make_text_pretrain_dataset,
+)
+from d2v_jax.data.text_sources import TextDataStats, make_text_source
 
 __all__ = [
   "IMAGENET_MEAN",
@@ -34,6 +42,9 @@ __all__ = [
   "ImagePretrainDataset",
   "ImageProbeData",
   "ImageStats",
+  "TextDataStats",
+  "TextPretrainDataset",
+  "encode_for_probe",
   "eval_image",
   "load_digit_probe_sets",
   "load_embedded_speech_index",
@@ -41,5 +52,7 @@ __all__ = [
   "make_image_pretrain_dataset",
   "make_image_source",
   "make_source",
+  "make_text_pretrain_dataset",
+  "make_text_source",
   "read_audio",
 ]

@@ -11,21 +11,33 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from d2v_jax.models import audio, image, transformer, variants
+from d2v_jax.models import audio, image, text, transformer, variants
 
 
 class Data2Vec(nn.Module):
-  """Student model. Parameter tree: frontend, mask_emb, encoder, final_proj."""
+  """Student model. Parameter tree: frontend, mask_emb, encoder, final_proj.
+
+  Attributes:
+    mask_init: initialiser of the learned mask embedding; None = no mask embedding (text masks
+      token ids with `<mask>` before the embedding instead).
+    head_hidden: 0 = `final_proj` is one Linear(D -> D) (speech, vision's lm_head); otherwise
+      text's two-layer regression head with this hidden width.
+  """
 
   frontend: nn.Module
   encoder: nn.Module
   dim: int
-  mask_init: nn.initializers.Initializer = nn.initializers.uniform(1.0)
+  mask_init: nn.initializers.Initializer | None = nn.initializers.uniform(1.0)
   head_init: nn.initializers.Initializer = transformer.torch_default_init
+  head_hidden: int = 0
 
   def setup(self):
-    self.mask_emb = self.param("mask_emb", self.mask_init, (self.dim,))
-    self.final_proj = nn.Dense(self.dim, kernel_init=self.head_init)
+    if self.mask_init is not None:
+      self.mask_emb = self.param("mask_emb", self.mask_init, (self.dim,))
+    if self.head_hidden:
+      self.final_proj = text.RegressionHead(self.dim, self.head_hidden)
+    else:
+      self.final_proj = nn.Dense(self.dim, kernel_init=self.head_init)
 
   def embed(self, inputs, padding_mask, *, train: bool):
     """Raw input -> (tokens [B, T, D], token padding mask [B, T])."""
@@ -34,6 +46,8 @@ class Data2Vec(nn.Module):
   def encode(self, tokens, padding_mask, mask=None, *, train: bool):
     """Replaces masked tokens (mask [B, T], True = masked) and runs the encoder."""
     if mask is not None:
+      if self.mask_init is None:
+        raise ValueError("This model masks its input ids, not its embeddings: pass mask=None")
       tokens = jnp.where(mask[..., None], self.mask_emb.astype(tokens.dtype), tokens)
     return self.encoder(tokens, padding_mask, train=train)
 
@@ -51,8 +65,9 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
   """Builds the student for `modality` from `config.model` (variant, dropouts, dtype).
 
   Size fields (`num_layers`, `dim`, `num_heads`, `mlp_dim`, and the front end's: `conv_dim`,
-  `pos_conv_*` for audio, `image_size`, `patch_size` for images) present in `model_cfg` override
-  the variant's, so converted checkpoints of any shape can be built.
+  `pos_conv_*` for audio, `image_size`, `patch_size` for images, `vocab_size`, `max_positions`
+  for text) present in `model_cfg` override the variant's, so converted checkpoints of any shape
+  can be built.
   """
   sizes = variants.decode_variant(modality, model_cfg.variant)
   sizes.update({k: model_cfg[k] for k in sizes if k in model_cfg})
@@ -97,4 +112,29 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
       mask_init=transformer.bert_init,
       head_init=transformer.bert_init,
     )
-  raise ValueError(f"Unknown modality {modality!r}; known: audio, image")
+  if modality == "text":
+    frontend = text.TextFrontend(
+      sizes["vocab_size"],
+      sizes["dim"],
+      max_positions=sizes["max_positions"],
+      pad_id=model_cfg.pad_id,
+      dropout=model_cfg.dropout,
+      layer_norm_eps=model_cfg.layer_norm_eps,
+      dtype=dtype,
+    )
+    encoder = text.TextEncoder(
+      **transformer_sizes,
+      dropout=model_cfg.dropout,
+      attention_dropout=model_cfg.attention_dropout,
+      activation_dropout=model_cfg.activation_dropout,
+      layer_norm_eps=model_cfg.layer_norm_eps,
+      dtype=dtype,
+    )
+    return Data2Vec(
+      frontend=frontend,
+      encoder=encoder,
+      dim=sizes["dim"],
+      mask_init=None,
+      head_hidden=2 * sizes["dim"],
+    )
+  raise ValueError(f"Unknown modality {modality!r}; known: audio, image, text")

@@ -31,7 +31,16 @@ _IMAGE = {
   "large": dict(image_size=224, patch_size=16),
 }
 
-_FRONTENDS = {"audio": _AUDIO, "image": _IMAGE}
+# Text: RoBERTa's GPT-2 BPE dictionary (50,265 with specials) and 512 positions for base; the
+# tiny variant's vocabulary is the embedded corpus's tokenizer (configs/text.py sets it) and its
+# blocks are 128 tokens long. There is no v1 text-large (spec §1.1).
+_TEXT = {
+  "tiny": dict(vocab_size=50265, max_positions=128),
+  "base": dict(vocab_size=50265, max_positions=512),
+  "large": dict(vocab_size=50265, max_positions=512),
+}
+
+_FRONTENDS = {"audio": _AUDIO, "image": _IMAGE, "text": _TEXT}
 
 
 def decode_variant(modality: str, variant: str) -> dict:
