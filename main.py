@@ -1,6 +1,8 @@
 """d2v-jax entry point: flags -> (multi-host init) -> pretraining or probing.
 
     python main.py --config=configs/audio.py --workdir=runs/audio_tiny
+    python main.py --config=configs/image.py --workdir=runs/image_tiny
+    python main.py --config=configs/text.py --workdir=runs/text_tiny
     python main.py --config=configs/audio.py --workdir=runs/audio_tiny --config.mode=probe
 
 `--config.<group>.<field>=value` overrides any config value; unknown fields are an error.

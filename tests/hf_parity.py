@@ -1,13 +1,14 @@
 """What the HF parity tests (`test_hf_{audio,image,text}_parity.py`) share.
 
-- Reading a reference npz written by a fixture script (`load_reference`), and the module-scoped
-  `small` / `ckpt` fixture data built from it (`build_small`, `load_checkpoint`).
+- Reading a reference npz written by a fixture script (`load_reference`, `load_checkpoint`), and
+  the module-scoped `small` / `ckpt` fixtures built from it (`small_fixture`, `ckpt_fixture`).
 - Running a fixture script under a torch interpreter for the live tests (`run_fixture_script`).
   The interpreter is `$D2V_TORCH_PYTHON`, else this one if it has torch and transformers, else
   `.venv-torch/bin/python`; with none the test skips.
 - Comparing our tensors with HF's: `max_abs_diffs`, `assert_within_tol` (max abs diff <= `TOL`).
-- Checks every converter must pass, whatever the modality: offending keys are named, an init
-  tree with an extra leaf is rejected, the export honours `prefix` and rejects unknown leaves.
+- Checks every converter must pass, whatever the modality: a broken state dict raises
+  (`conversion_error`) and offending keys are named, an init tree with an extra leaf is rejected,
+  the export honours `prefix` and rejects unknown leaves.
 
 The npz layout (`param/<HF state-dict name>`, `meta/hf_config`, `meta/versions`, ...) is the one
 the fixture scripts write; see their docstrings.
@@ -46,24 +47,40 @@ def load_reference(path):
 
 
 def load_checkpoint(path):
-  """(state dict, HF config dict) of a fixture: the `ckpt` fixture of the converter tests."""
+  """(state dict, HF config dict) of the npz at `path`."""
   state_dict, hf_config, _ = load_reference(path)
   return state_dict, hf_config
 
 
-def build_small(converter, path):
-  """The `small` fixture: the reference at `path` and our model built from it by `converter`
-  (an `hf_*` module): dict of state_dict, hf_config, ref, model, params, model_cfg."""
-  state_dict, hf_config, ref = load_reference(path)
-  model, model_cfg, params = converter.build_from_hf(state_dict, hf_config)
-  return dict(
-    state_dict=state_dict,
-    hf_config=hf_config,
-    ref=ref,
-    model=model,
-    params=params,
-    model_cfg=model_cfg,
-  )
+def small_fixture(converter, path):
+  """A module-scoped fixture, to assign to `small`: the reference at `path` and our model built
+  from it by `converter` (an `hf_*` module), as a dict of state_dict, hf_config, ref, model,
+  params and model_cfg."""
+
+  @pytest.fixture(scope="module")
+  def small():
+    state_dict, hf_config, ref = load_reference(path)
+    model, model_cfg, params = converter.build_from_hf(state_dict, hf_config)
+    return dict(
+      state_dict=state_dict,
+      hf_config=hf_config,
+      ref=ref,
+      model=model,
+      params=params,
+      model_cfg=model_cfg,
+    )
+
+  return small
+
+
+def ckpt_fixture(path):
+  """A module-scoped fixture, to assign to `ckpt`: `load_checkpoint(path)`."""
+
+  @pytest.fixture(scope="module")
+  def ckpt():
+    return load_checkpoint(path)
+
+  return ckpt
 
 
 def assert_versions_recorded(ref):
@@ -119,17 +136,24 @@ def swap(state_dict, a, b):
 # ----------------------------------------------------------------------------- converter checks
 
 
+def conversion_error(converter, ckpt, *, drop=(), add=None, match=None):
+  """The message of the `ConversionError` that `converter.params_from_hf` must raise (matching
+  `match`, if given) for the checkpoint `ckpt` with the keys `drop` deleted and `add` set."""
+  missing = sorted(set(drop) - set(ckpt[0]))
+  assert not missing, f"not in the checkpoint: {missing}"
+  state_dict = {k: v for k, v in ckpt[0].items() if k not in drop}
+  state_dict.update(add or {})
+  with pytest.raises(converter.ConversionError, match=match) as err:
+    converter.params_from_hf(state_dict, ckpt[1])
+  return str(err.value)
+
+
 def assert_names_offending_key(converter, ckpt, key, value, expected):
   """Deletes `key` (value None) or sets it to `value`: `params_from_hf` must raise a
   `ConversionError` that matches `expected` and names `key`."""
-  state_dict = dict(ckpt[0])
-  if value is None:
-    del state_dict[key]
-  else:
-    state_dict[key] = value
-  with pytest.raises(converter.ConversionError, match=expected) as err:
-    converter.params_from_hf(state_dict, ckpt[1])
-  assert key in str(err.value), str(err.value)
+  change = dict(drop=[key]) if value is None else dict(add={key: value})
+  message = conversion_error(converter, ckpt, match=expected, **change)
+  assert key in message, message
 
 
 def assert_rejects_extra_leaf(converter, small, init):

@@ -148,9 +148,7 @@ def hf_padded_diffs(ref):
 # ----------------------------------------------------------------------------- fixture tests
 
 
-@pytest.fixture(scope="module")
-def small():
-  return hf_parity.build_small(hf_audio, FIXTURE)
+small = hf_parity.small_fixture(hf_audio, FIXTURE)
 
 
 def test_fixture_config_maps_every_size(small):
@@ -242,9 +240,7 @@ def test_fixture_detects_wrong_weights(small, perturbation):
 # ----------------------------------------------------------------------------- converter errors
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-  return hf_parity.load_checkpoint(FIXTURE)
+ckpt = hf_parity.ckpt_fixture(FIXTURE)
 
 
 def test_converter_without_init_params_leaves_out_final_proj(ckpt):
@@ -286,12 +282,13 @@ def test_converter_names_offending_keys(ckpt, key, value, expected):
 
 
 def test_converter_reports_all_problems_at_once(ckpt):
-  state_dict = dict(ckpt[0])
-  del state_dict["feature_projection.projection.bias"]
-  state_dict["encoder.pos_conv_embed.layers.0.conv.weight_g"] = np.zeros((1, 1, 19))
-  with pytest.raises(hf_audio.ConversionError) as err:
-    hf_audio.params_from_hf(state_dict, ckpt[1])
-  message = str(err.value)
+  weight_g = "encoder.pos_conv_embed.layers.0.conv.weight_g"
+  message = hf_parity.conversion_error(
+    hf_audio,
+    ckpt,
+    drop=["feature_projection.projection.bias"],
+    add={weight_g: np.zeros((1, 1, 19))},
+  )
   assert "feature_projection.projection.bias" in message
   assert "conv.weight_g" in message and "weight-norm" in message
 

@@ -112,9 +112,7 @@ def assert_index_matches_hf(ref):
 # ----------------------------------------------------------------------------- fixture tests
 
 
-@pytest.fixture(scope="module")
-def small():
-  return hf_parity.build_small(hf_image, FIXTURE)
+small = hf_parity.small_fixture(hf_image, FIXTURE)
 
 
 def test_fixture_config_maps_every_size(small):
@@ -208,9 +206,7 @@ def test_fixture_detects_wrong_weights(small, perturbation):
 # ----------------------------------------------------------------------------- converter
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-  return hf_parity.load_checkpoint(FIXTURE)
+ckpt = hf_parity.ckpt_fixture(FIXTURE)
 
 
 def test_converter_layouts_without_init_params(ckpt):
@@ -272,12 +268,12 @@ def test_converter_names_offending_keys(ckpt, key, value, expected):
 
 
 def test_converter_reports_all_problems_at_once(ckpt):
-  state_dict = dict(ckpt[0])
-  del state_dict["embeddings.patch_embeddings.projection.bias"]
-  state_dict["embeddings.position_embeddings"] = np.zeros((1, 17, 32))
-  with pytest.raises(hf_image.ConversionError) as err:
-    hf_image.params_from_hf(state_dict, ckpt[1])
-  message = str(err.value)
+  message = hf_parity.conversion_error(
+    hf_image,
+    ckpt,
+    drop=["embeddings.patch_embeddings.projection.bias"],
+    add={"embeddings.position_embeddings": np.zeros((1, 17, 32))},
+  )
   assert "embeddings.patch_embeddings.projection.bias" in message
   assert "embeddings.position_embeddings" in message and "absolute position" in message
 

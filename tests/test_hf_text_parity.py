@@ -97,9 +97,7 @@ def assert_positions_match_hf(ref, pad_id):
 # ----------------------------------------------------------------------------- fixture tests
 
 
-@pytest.fixture(scope="module")
-def small():
-  return hf_parity.build_small(hf_text, FIXTURE)
+small = hf_parity.small_fixture(hf_text, FIXTURE)
 
 
 def test_fixture_config_maps_every_size(small):
@@ -183,9 +181,7 @@ def test_fixture_detects_wrong_weights(small, perturbation):
 # ----------------------------------------------------------------------------- converter
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-  return hf_parity.load_checkpoint(FIXTURE)
+ckpt = hf_parity.ckpt_fixture(FIXTURE)
 
 
 def test_converter_layouts_without_init_params(ckpt):
@@ -260,13 +256,13 @@ def test_converter_names_offending_keys(ckpt, key, value, expected):
 
 
 def test_converter_reports_all_problems_at_once(ckpt):
-  state_dict = dict(ckpt[0])
-  del state_dict[f"{LAYER}.intermediate.dense.bias"]
-  state_dict["embeddings.distance_embedding.weight"] = np.zeros((131, 8))
-  state_dict[f"{LAYER}.crossattention.self.query.weight"] = np.zeros((32, 32))
-  with pytest.raises(hf_text.ConversionError) as err:
-    hf_text.params_from_hf(state_dict, ckpt[1])
-  message = str(err.value)
+  add = {
+    "embeddings.distance_embedding.weight": np.zeros((131, 8)),
+    f"{LAYER}.crossattention.self.query.weight": np.zeros((32, 32)),
+  }
+  message = hf_parity.conversion_error(
+    hf_text, ckpt, drop=[f"{LAYER}.intermediate.dense.bias"], add=add
+  )
   assert f"{LAYER}.intermediate.dense.bias" in message and "missing keys (1)" in message
   assert "embeddings.distance_embedding.weight" in message and "relative position" in message
   assert "unknown keys (2)" in message and "cross-attention" in message
