@@ -11,6 +11,9 @@ from ml_collections import config_flags
 
 from configs import audio as audio_config
 from configs import common
+from configs import image as image_config
+from configs import text as text_config
+from d2v_jax import train
 from d2v_jax.models import variants
 from d2v_jax.models.data2vec import build_model
 from tests import helpers
@@ -204,3 +207,70 @@ def test_unknown_modality_or_variant_raises():
   cfg = audio_config.get_config().model
   with pytest.raises(ValueError):
     build_model("smell", cfg)
+
+
+def test_image_config_follows_data2vec_vision():
+  """spec §1.5 vision: AdamW 0.9/0.999, wd 0.05 (not on 1-D/bias/position table), clip 3."""
+  config = image_config.get_config("variant=base")
+  assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.9, 0.999, 1e-8)
+  assert (config.optim.weight_decay, config.optim.decay_1d, config.optim.clip_norm) == (
+    0.05,
+    False,
+    3.0,
+  )
+  assert (config.optim.lr, config.optim.schedule, config.optim.end_lr) == (2e-3, "cosine", 1e-5)
+  assert config.optim.warmup_steps == 10 * (1_281_167 // 2048)
+  assert (config.ema.decay, config.ema.end_decay) == (0.9998, 0.9998)
+  assert (config.targets.top_k, config.targets.layer_output) == (6, "block")
+  assert (config.loss.beta, config.loss.reduce_dims) == (2.0, "mean")
+  assert config.model.image_size == config.input.image_size == 224
+  with config.unlocked():
+    config.model.image_size = 160  # one field shared by model and input
+  assert config.input.image_size == 160
+  assert image_config.get_config("variant=large").model.layer_scale_init == 1e-5
+
+
+def test_text_config_follows_data2vec_text():
+  config = text_config.get_config("variant=base")
+  assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.9, 0.98, 1e-6)
+  assert (config.optim.weight_decay, config.optim.clip_norm, config.optim.lr) == (0.01, 5.0, 2e-4)
+  ema = config.ema
+  assert (ema.decay, ema.end_decay, ema.anneal_steps) == (0.999, 0.9999, 300_000)
+  assert config.ema.copy_params == (r"^frontend/",)
+  assert (config.targets.top_k, config.targets.layer_output) == (10, "ffn")
+  assert (config.loss.beta, config.loss.scale, config.loss.reduce_dims) == (4.0, 1.0, "sum")
+  assert (config.masking.span_prob, config.masking.span_length) == (0.35, 4)
+  assert config.model.max_positions == config.input.max_length == 512
+  with pytest.raises(ValueError, match="no v1 large"):
+    text_config.get_config("variant=large")
+
+
+@pytest.mark.parametrize(
+  "modality,variant,low,high",
+  [
+    # HF data2vec-vision-base (shared bias, mask token): 85.7M without heads (spec §4).
+    ("image", "base", 85.5e6, 86.5e6),
+    ("image", "large", 302e6, 306e6),
+    # RoBERTa-base / data2vec-text-base: 124.6M with the 50,265-token embedding.
+    ("text", "base", 124e6, 125e6),
+  ],
+)
+def test_image_and_text_param_counts(modality, variant, low, high):
+  module = image_config if modality == "image" else text_config
+  config = module.get_config(f"variant={variant}")
+  if modality == "text":
+    config.model.vocab_size = 50265
+  model = build_model(modality, config.model)
+  inputs = train.example_inputs(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False)["params"])
+  without_head = _count(shapes) - _count(shapes["final_proj"])
+  assert low < without_head < high, without_head
+
+
+def test_text_vocabulary_comes_from_the_tokenizer():
+  config = text_config.get_config()
+  train.complete_config(config)
+  assert (config.model.vocab_size, config.masking.mask_id) == (4096, 4095)
+  config.model.vocab_size = 5000
+  with pytest.raises(ValueError, match=r"config.model.vocab_size=5000 but the tokenizer"):
+    train.complete_config(config)
