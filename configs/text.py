@@ -20,9 +20,9 @@ from configs import common
 # Per variant: updates, global batch (blocks), block length, peak LR, warm-up, EMA (start,
 # end, anneal steps), top-K target blocks.
 _RECIPES = {
-  # CPU run on the embedded corpus (about 10 minutes on 2 cores): blocks of 64 tokens (two
-  # verses on average), a teacher fast enough to move within 800 updates. The probe gains only
-  # about 2 points over the random initialisation so far (README, "Status").
+  # CPU run on the embedded corpus: blocks of 64 tokens (two verses on average), a teacher fast
+  # enough to move within 800 updates. The probe gains only about 2 points over the random
+  # initialisation so far (README, "Text (not yet a clear gain)").
   "tiny": dict(
     steps=800,
     batch=32,

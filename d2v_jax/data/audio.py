@@ -19,13 +19,12 @@ the processes together see each global batch exactly once. Every process must us
 """
 
 import dataclasses
-import sys
 
 import grain
 import numpy as np
 from absl import logging
 
-from d2v_jax.data import sources
+from d2v_jax.data import batching, sources
 
 _NORM_EPS = 1e-5  # inside the sqrt of the variance, as fairseq's F.layer_norm(wav, wav.shape)
 # Each crop length is one compiled train step; its buffers are small next to the model's, but
@@ -237,11 +236,7 @@ def make_audio_pretrain_dataset(
     FileNotFoundError: the source's path does not exist.
   """
   batch_size = input_cfg.batch_size
-  if batch_size % process_count:
-    raise ValueError(
-      f"config.input.batch_size={batch_size} (the global batch) is not divisible by "
-      f"process_count={process_count}"
-    )
+  rows = batching.process_rows(batch_size, process_index, process_count)
   crop_lengths = tuple(sorted(set(int(c) for c in input_cfg.crop_lengths)))
   if not crop_lengths or crop_lengths[0] <= 0:
     raise ValueError(f"config.input.crop_lengths must be positive, got {input_cfg.crop_lengths}")
@@ -256,17 +251,12 @@ def make_audio_pretrain_dataset(
       f"({_bucket_counts(plan)}); lower batch_size or use fewer crop_lengths"
     )
 
-  rows_per_process = batch_size // process_count
-  rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
-  load = LoadBatch(source, plan, rows, input_cfg.normalize)
-  batches = grain.MapDataset.range(sys.maxsize).map(load)  # infinite: epoch after epoch
-  iter_dataset = batches.to_iter_dataset(
-    grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+  batches, iter_dataset = batching.endless_batches(
+    LoadBatch(source, plan, rows, input_cfg.normalize),
+    num_workers=input_cfg.num_workers,
+    read_threads=_READ_THREADS,
+    prefetch=_PREFETCH_BATCHES,
   )
-  if input_cfg.num_workers > 0:
-    iter_dataset = iter_dataset.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=input_cfg.num_workers)
-    )
   return AudioPretrainDataset(
     batches, iter_dataset, source.stats, plan.batches_per_epoch, crop_lengths
   )

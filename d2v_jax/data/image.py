@@ -26,7 +26,6 @@ the processes together see each global batch exactly once. Every process must us
 
 import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 
 import grain
@@ -34,7 +33,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageEnhance, ImageStat
 
-from d2v_jax.data import image_sources
+from d2v_jax.data import batching, image_sources
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +44,8 @@ _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
 _READ_THREADS = 4
 _PREFETCH_BATCHES = 4
 # Independent numpy seed streams; the stream id keeps (seed, epoch) and (seed, epoch, record) apart.
-_PLAN_STREAM, _CROP_STREAM, _FLIP_STREAM, _JITTER_STREAM = 0, 1, 2, 3
+# (Stream 0 is the per-epoch shuffle of batching.EpochPlan.)
+_CROP_STREAM, _FLIP_STREAM, _JITTER_STREAM = 1, 2, 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,32 +223,6 @@ class Augment:
 # Batches.
 
 
-class EpochPlan:
-  """Which records form each global batch, for any epoch: a shuffle per epoch, remainder dropped."""
-
-  def __init__(self, num_records: int, batch_size: int, seed: int):
-    self.num_records = num_records
-    self.batch_size = batch_size
-    self.seed = seed
-    self.batches_per_epoch = num_records // batch_size
-    self._cache = (-1, None)  # (epoch, plan); a grain worker walks one epoch at a time
-
-  def epoch(self, epoch: int) -> np.ndarray:
-    """int[batches_per_epoch, batch_size]: the records of every global batch of `epoch`."""
-    cached_epoch, plan = self._cache
-    if cached_epoch == epoch:
-      return plan
-    order = np.random.default_rng([self.seed, _PLAN_STREAM, epoch]).permutation(self.num_records)
-    plan = order[: self.batches_per_epoch * self.batch_size].reshape(-1, self.batch_size)
-    self._cache = (epoch, plan)
-    return plan
-
-  def batch(self, index: int) -> tuple[int, np.ndarray]:
-    """(epoch, int[batch_size] records) of global batch `index`, counted from the first epoch."""
-    epoch, within = divmod(index, self.batches_per_epoch)
-    return epoch, self.epoch(epoch)[within]
-
-
 class LoadImageBatch(grain.transforms.Map):
   """Global batch index -> this process's rows of that batch, decoded and augmented.
 
@@ -257,7 +231,7 @@ class LoadImageBatch(grain.transforms.Map):
   """
 
   def __init__(
-    self, source: image_sources.ImageSource, plan: EpochPlan, rows: slice, augment: Augment
+    self, source: image_sources.ImageSource, plan: batching.EpochPlan, rows: slice, augment: Augment
   ):
     self.source = source
     self.plan = plan
@@ -378,14 +352,10 @@ def make_image_pretrain_dataset(
     FileNotFoundError: the source's path does not exist.
   """
   batch_size = input_cfg.batch_size
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(
-      f"config.input.batch_size={batch_size} (the global batch) must be positive and divisible "
-      f"by process_count={process_count}"
-    )
+  rows = batching.process_rows(batch_size, process_index, process_count)
   augment = make_augment(input_cfg, seed)
   source = image_sources.make_image_source(input_cfg)
-  plan = EpochPlan(len(source), batch_size, seed)
+  plan = batching.EpochPlan(len(source), batch_size, seed)
   logging.info(
     "%s: %s; %d images used -> %d global batches of %d per epoch, %dx%d crops.",
     source.name,
@@ -402,17 +372,12 @@ def make_image_pretrain_dataset(
       f"{batch_size}: lower config.input.batch_size"
     )
 
-  rows_per_process = batch_size // process_count
-  rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
-  load = LoadImageBatch(source, plan, rows, augment)
-  batches = grain.MapDataset.range(sys.maxsize).map(load)  # infinite: epoch after epoch
-  iter_dataset = batches.to_iter_dataset(
-    grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+  batches, iter_dataset = batching.endless_batches(
+    LoadImageBatch(source, plan, rows, augment),
+    num_workers=input_cfg.num_workers,
+    read_threads=_READ_THREADS,
+    prefetch=_PREFETCH_BATCHES,
   )
-  if input_cfg.num_workers > 0:
-    iter_dataset = iter_dataset.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=input_cfg.num_workers)
-    )
   return ImagePretrainDataset(
     batches, iter_dataset, source.stats, plan.batches_per_epoch, augment.image_size
   )

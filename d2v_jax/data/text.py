@@ -31,7 +31,6 @@ the processes together see each global batch exactly once. Every process must us
 """
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -40,9 +39,8 @@ import grain
 import numpy as np
 from absl import logging
 
-from d2v_jax.data import text_sources
+from d2v_jax.data import batching, text_sources
 from d2v_jax.data import tokenizer as tokenizer_lib
-from d2v_jax.data.image import EpochPlan
 from d2v_jax.data.tokenizer import BOS, EOS, PAD  # RoBERTa's ids: <s> 0, <pad> 1, </s> 2
 
 # Assembling a batch is a few copies; two threads keep a handful of batches ready.
@@ -241,7 +239,7 @@ def pack_source(
 class LoadTextBatch(grain.transforms.Map):
   """Global batch index -> this process's rows of that batch. Module level and picklable."""
 
-  def __init__(self, blocks: PackedBlocks, plan: EpochPlan, rows: slice, max_length: int):
+  def __init__(self, blocks: PackedBlocks, plan: batching.EpochPlan, rows: slice, max_length: int):
     self.blocks = blocks
     self.plan = plan
     self.rows = rows
@@ -321,11 +319,7 @@ def make_text_pretrain_dataset(
     FileNotFoundError: the source's path or the tokenizer directory does not exist.
   """
   batch_size = input_cfg.batch_size
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(
-      f"config.input.batch_size={batch_size} (the global batch) must be positive and divisible "
-      f"by process_count={process_count}"
-    )
+  rows = batching.process_rows(batch_size, process_index, process_count)
   max_length = int(input_cfg.max_length)
   if max_length < 3:
     raise ValueError(
@@ -335,7 +329,7 @@ def make_text_pretrain_dataset(
     tokenizer = load_tokenizer_for(input_cfg)
   source = text_sources.make_text_source(input_cfg)
   blocks = pack_source(source, tokenizer, max_length)
-  plan = EpochPlan(len(blocks), batch_size, seed)
+  plan = batching.EpochPlan(len(blocks), batch_size, seed)
   fill = source.stats.tokens / max(1, len(blocks) * (max_length - 2))
   logging.info(
     "%s: %s; %d tokens in %d blocks of <= %d (%.1f%% full) -> %d global batches of %d per epoch",
@@ -354,17 +348,12 @@ def make_text_pretrain_dataset(
       f"one global batch of {batch_size}: lower config.input.batch_size (or max_length)"
     )
 
-  rows_per_process = batch_size // process_count
-  rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
-  load = LoadTextBatch(blocks, plan, rows, max_length)
-  batches = grain.MapDataset.range(sys.maxsize).map(load)  # infinite: epoch after epoch
-  iter_dataset = batches.to_iter_dataset(
-    grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+  batches, iter_dataset = batching.endless_batches(
+    LoadTextBatch(blocks, plan, rows, max_length),
+    num_workers=input_cfg.get("num_workers", 0),
+    read_threads=_READ_THREADS,
+    prefetch=_PREFETCH_BATCHES,
   )
-  if input_cfg.get("num_workers", 0) > 0:
-    iter_dataset = iter_dataset.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=input_cfg.num_workers)
-    )
   return TextPretrainDataset(
     batches, iter_dataset, source.stats, plan.batches_per_epoch, max_length, tokenizer, blocks
   )
