@@ -9,7 +9,7 @@ Arguments after the colon: `variant=tiny|base` (default tiny: a small RoBERTa on
 King James Bible with its committed byte-level BPE). `config.input.tokenizer` is a directory with
 `vocab.json` + `merges.txt` (and fairseq's `dict.txt` for released data2vec checkpoints), or ""
 for the embedded tokenizer; the vocabulary size and `<mask>` id are read from it when the run
-starts (`train.setup`), so they need no override. Any field can be overridden with
+starts (`train.complete_config`), so they need no override. Any field can be overridden with
 `--config.<group>.<field>=value`; unknown fields are an error.
 """
 
