@@ -142,7 +142,7 @@ class LoadBatch(grain.transforms.Map):
     self.plan = plan
     self.rows = rows
     self.normalize = normalize
-    self._failed: set[int] = set()  # records that failed to decode in this process
+    self._failures = batching.DecodeFailures(source, "the next record of its length bucket")
 
   def map(self, element: int) -> dict[str, np.ndarray]:
     epoch, records = self.plan.batch(element)
@@ -171,25 +171,15 @@ class LoadBatch(grain.transforms.Map):
       try:
         wave = self.source[candidate]
       except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
-        self._count_failure(candidate, e)
+        self._failures(candidate, e)
         continue
       if len(wave):
         return candidate, wave
-      self._count_failure(candidate, "decoded to 0 samples")
+      self._failures(candidate, "decoded to 0 samples")
     raise RuntimeError(
       f"{self.source.name}: no record of the length bucket of {self.source.describe(record)} "
       "decodes any more"
     )
-
-  def _count_failure(self, record: int, error) -> None:
-    self.source.stats.decode_failures += 1
-    if record not in self._failed:
-      self._failed.add(record)
-      logging.warning(
-        "Could not decode %s (%s); substituting the next record of its length bucket",
-        self.source.describe(record),
-        error,
-      )
 
 
 @dataclasses.dataclass(frozen=True)

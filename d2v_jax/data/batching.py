@@ -10,6 +10,7 @@ import sys
 
 import grain
 import numpy as np
+from absl import logging
 
 _PLAN_STREAM = 0  # numpy seed stream of the per-epoch shuffle, apart from the pipelines' own
 
@@ -70,3 +71,27 @@ def endless_batches(
   if num_workers > 0:
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return batches, iter_dataset
+
+
+class DecodeFailures:
+  """Counts records that fail to decode (`source.stats.decode_failures`), warning once each.
+
+  Picklable, so it travels with a pipeline's load transform into grain workers; the counts are
+  then those of the process that ran it.
+  """
+
+  def __init__(self, source, substitute: str):
+    self.source = source
+    self.substitute = substitute  # what replaces a failed record, for the warning
+    self._failed: set[int] = set()
+
+  def __call__(self, record: int, error) -> None:
+    self.source.stats.decode_failures += 1
+    if record not in self._failed:
+      self._failed.add(record)
+      logging.warning(
+        "Could not decode %s (%s); substituting %s",
+        self.source.describe(record),
+        error,
+        self.substitute,
+      )

@@ -237,7 +237,7 @@ class LoadImageBatch(grain.transforms.Map):
     self.plan = plan
     self.rows = rows
     self.augment = augment
-    self._failed: set[int] = set()  # records that failed to decode in this process
+    self._failures = batching.DecodeFailures(source, "the next image")
 
   def map(self, element: int) -> dict[str, np.ndarray]:
     epoch, records = self.plan.batch(element)
@@ -262,18 +262,8 @@ class LoadImageBatch(grain.transforms.Map):
       try:
         return candidate, self.source.pil_image(candidate)
       except image_sources.DECODE_ERRORS as e:
-        self._count_failure(candidate, e)
+        self._failures(candidate, e)
     raise RuntimeError(f"{self.source.name}: no image decodes any more")
-
-  def _count_failure(self, record: int, error: Exception) -> None:
-    self.source.stats.decode_failures += 1
-    if record not in self._failed:
-      self._failed.add(record)
-      logging.warning(
-        "Could not decode %s (%s); substituting the next image",
-        self.source.describe(record),
-        error,
-      )
 
 
 @dataclasses.dataclass(frozen=True)
