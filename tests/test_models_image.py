@@ -146,9 +146,12 @@ def test_mask_token_replaces_masked_patches_only():
     tokens, padding = model.apply({"params": p}, x, None, train=False, method=model.embed)
     return model.apply({"params": p}, tokens, padding, mask, train=False, method=model.encode)
 
-  mask = np.zeros((1, 16), bool)
-  plain, _ = run(params, images, mask)
+  # Two separate arrays: jax may read a numpy argument after the call returns (zero-copy, async
+  # dispatch), so one array mutated between the calls could reach the first call.
+  no_mask = np.zeros((1, 16), bool)
+  mask = no_mask.copy()
   mask[0, 5] = True
+  plain, _ = run(params, images, no_mask)
   masked, _ = run(params, images, mask)
   other = images.at[0, 4:8, 4:8].set(7.0)  # patch 5's pixels no longer matter once masked
   masked_other, _ = run(params, other, mask)
