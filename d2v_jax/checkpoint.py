@@ -42,8 +42,9 @@ def _differences(saved: dict, expected: dict, prefix: str = "") -> list[str]:
   return diffs
 
 
-# Fields that may differ between a checkpoint and the run that resumes it.
-_RESUMABLE_MODEL_FIELDS = (
+# Model fields that change training, not the weights: a resumed run or a fine-tuning run may
+# set them differently from the checkpoint.
+TRAINING_ONLY_MODEL_FIELDS = (
   "dropout",
   "attention_dropout",
   "activation_dropout",
@@ -94,7 +95,7 @@ class Checkpointer:
     expected = describe(self.config)
     for meta in (saved, expected):
       meta["model"] = {
-        k: v for k, v in meta.get("model", {}).items() if k not in _RESUMABLE_MODEL_FIELDS
+        k: v for k, v in meta.get("model", {}).items() if k not in TRAINING_ONLY_MODEL_FIELDS
       }
     diffs = _differences({k: saved.get(k) for k in META_KEYS}, expected)
     if diffs:

@@ -8,29 +8,20 @@ step k uses `fold_in(loop_key, k)`, so a resumed run draws the same masks and dr
 import functools
 import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
-from d2v_jax import checkpoint, metrics, optim, sharding, steps
+from d2v_jax import checkpoint, loop, metrics, optim, sharding, steps
 from d2v_jax import evaluate as evaluate_lib
 from d2v_jax import state as state_lib
 from d2v_jax.data import audio as audio_data
 from d2v_jax.data import image as image_data
 from d2v_jax.data import text as text_data
 from d2v_jax.models.data2vec import build_model
-
-# Each modality's throughput: (name, valid inputs per unit): audio-seconds/s, images/s.
-_THROUGHPUT = {
-  "audio": ("audio_seconds_per_sec", lambda cfg: cfg.input.sample_rate),
-  "image": ("images_per_sec", lambda cfg: 1),
-  "text": ("tokens_per_sec", lambda cfg: 1),
-}
 
 
 def split_seed(seed: int):
@@ -130,21 +121,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   _, data_seed, loop_key = split_seed(config.seed)
   model, tx, schedule, make_state = setup(config)
-  dataset = make_dataset(config, data_seed)
-  data_iter = iter(dataset)
+  data_iter = iter(make_dataset(config, data_seed))
 
   replicated = sharding.replicated(mesh)
   ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = jax.jit(make_state, out_shardings=replicated)()
-    logging.info(
-      "Fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}"
-    )
-  else:
-    abstract = checkpoint.abstract_state(make_state, sharding=replicated)
-    state = ckpt.restore(latest, abstract, data_iter)
-    logging.info("Resumed from step %d", latest)
+  state, _ = loop.start(ckpt, make_state, data_iter, replicated)
   if jax.process_index() == 0:  # only now: a refused checkpoint leaves its run's config alone
     write_config(workdir, config)
   initial_params = None
@@ -157,56 +138,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
   )
-  loop_key = jax.device_put(loop_key, replicated)
-  writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
   probe_sets = evaluate_lib.load_probe_sets(config) if config.probe.enabled else None
-  loop = config.loop
-  throughput_name, unit = _THROUGHPUT[config.modality]
-  first_step = int(state.step)
-  progress = tqdm(
-    total=loop.total_steps,
-    initial=first_step,
-    disable=not loop.progress_bar,
-    unit="step",
-    dynamic_ncols=True,
-  )
 
-  pending, last, data_wait = [], {}, 0.0
-  window_start = time.perf_counter()
-  step = first_step
+  def probe(state):
+    accuracies = evaluate_lib.probe_accuracy(model, state.params, config.probe, *probe_sets)
+    return {"probe_acc": float(np.mean(accuracies))}
+
+  writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
   try:
-    while step < loop.total_steps:
-      t0 = time.perf_counter()
-      batch = sharding.put_batch(next(data_iter), mesh)
-      data_wait += time.perf_counter() - t0
-      state, step_metrics = train_step(state, batch, loop_key)
-      pending.append(step_metrics)
-      step += 1
-      progress.update(1)
-      is_ckpt = step % loop.checkpoint_every == 0 or step == loop.total_steps
-      is_probe = config.probe.enabled and config.probe.every and step % config.probe.every == 0
-      is_log = step % loop.log_every == 0 or is_ckpt or is_probe
-      if is_log:
-        last = _summarise(
-          jax.device_get(pending), window_start, data_wait, throughput_name, unit(config)
-        )
-        metrics.check_health(step, last, loop)
-        if is_probe:
-          last["probe_acc"] = float(
-            np.mean(evaluate_lib.probe_accuracy(model, state.params, config.probe, *probe_sets))
-          )
-        if writer:
-          writer.write(step, last)
-        logging.info(metrics.format_line(step, last))
-        progress.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-      if is_ckpt:
-        ckpt.save(step, state, data_iter)
-      if is_log:
-        # Rates cover training only: the probe and the checkpoint's blocking part are excluded.
-        pending, data_wait, window_start = [], 0.0, time.perf_counter()
+    state, last = loop.run(
+      config,
+      state,
+      train_step,
+      data_iter,
+      mesh,
+      loop_key,
+      ckpt,
+      writer,
+      evaluate=probe if config.probe.enabled else None,
+      eval_every=config.probe.every,
+    )
   finally:
-    progress.close()
-    ckpt.wait()
     if writer:
       writer.close()
   if config.probe.enabled:
@@ -235,22 +187,6 @@ def probe_report(model, initial_params, params, probe_cfg, probe_sets) -> dict:
     result["seeds"],
   )
   return result
-
-
-def _summarise(
-  window: list[dict], start: float, data_wait: float, throughput_name: str, unit: float
-) -> dict:
-  """Averages a window of per-step metrics and adds rates."""
-  elapsed = max(time.perf_counter() - start, 1e-9)
-  summary = {
-    k: float(np.mean([m[k] for m in window]))
-    for k in window[0]
-    if k not in ("valid_inputs", "num_masked")
-  }
-  summary["steps_per_sec"] = len(window) / elapsed
-  summary[throughput_name] = float(sum(m["valid_inputs"] for m in window)) / unit / elapsed
-  summary["data_wait_frac"] = data_wait / elapsed
-  return summary
 
 
 def probe_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:

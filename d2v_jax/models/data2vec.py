@@ -7,6 +7,8 @@ encoder alone on the student's features (`model.encoder.apply({"params": teacher
 ...)` runs it standalone, since `encoder` is a module field); for vision the whole model.
 """
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
@@ -61,13 +63,27 @@ class Data2Vec(nn.Module):
     return self.predict(x), aux
 
 
-def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec:
-  """Builds the student for `modality` from `config.model` (variant, dropouts, dtype).
+class Backbone(NamedTuple):
+  """What pretraining and fine-tuning models share: front end, encoder and their init choices."""
+
+  frontend: nn.Module
+  encoder: nn.Module
+  dim: int
+  mask_init: nn.initializers.Initializer | None  # None: text masks ids, not embeddings
+  head_init: nn.initializers.Initializer  # the modality's Linear init (regression head)
+  head_hidden: int  # text's two-layer regression head width; 0 = one Linear
+
+
+def build_backbone(
+  modality: str, model_cfg: ml_collections.ConfigDict, *, final_norm: bool = True
+) -> Backbone:
+  """Front end and encoder of `modality` from `config.model` (variant, dropouts, dtype).
 
   Size fields (`num_layers`, `dim`, `num_heads`, `mlp_dim`, and the front end's: `conv_dim`,
   `pos_conv_*` for audio, `image_size`, `patch_size` for images, `vocab_size`, `max_positions`
   for text) present in `model_cfg` override the variant's, so converted checkpoints of any shape
-  can be built.
+  can be built. `final_norm=False` leaves out the vision encoder's last LayerNorm (BEiT's
+  mean-pooling classifier normalises after pooling instead).
   """
   sizes = variants.decode_variant(modality, model_cfg.variant)
   sizes.update({k: model_cfg[k] for k in sizes if k in model_cfg})
@@ -75,8 +91,9 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
   transformer_sizes = dict(
     num_layers=sizes["num_layers"], num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"]
   )
+  dim = sizes["dim"]
   if modality == "audio":
-    frontend = audio.AudioFrontend(sizes["dim"], sizes["conv_dim"], dtype=dtype)
+    frontend = audio.AudioFrontend(dim, sizes["conv_dim"], dtype=dtype)
     encoder = audio.AudioEncoder(
       **transformer_sizes,
       pos_conv_depth=sizes["pos_conv_depth"],
@@ -89,11 +106,11 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
       dtype=dtype,
     )
     # fairseq: the speech mask embedding is U[0, 1); final_proj is a default torch Linear.
-    return Data2Vec(frontend=frontend, encoder=encoder, dim=sizes["dim"])
-  if modality == "image":
-    frontend = image.ImageFrontend(
-      sizes["dim"], sizes["image_size"], sizes["patch_size"], dtype=dtype
+    return Backbone(
+      frontend, encoder, dim, nn.initializers.uniform(1.0), transformer.torch_default_init, 0
     )
+  if modality == "image":
+    frontend = image.ImageFrontend(dim, sizes["image_size"], sizes["patch_size"], dtype=dtype)
     encoder = image.ImageEncoder(
       grid=image.patch_grid(sizes["image_size"], sizes["patch_size"]),
       **transformer_sizes,
@@ -102,20 +119,15 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
       drop_path_rate=model_cfg.drop_path_rate,
       layer_scale_init=model_cfg.layer_scale_init,
       layer_norm_eps=model_cfg.layer_norm_eps,
+      final_norm=final_norm,
       dtype=dtype,
     )
     # BEiT: the mask token and lm_head are N(0, 0.02) like every other Linear.
-    return Data2Vec(
-      frontend=frontend,
-      encoder=encoder,
-      dim=sizes["dim"],
-      mask_init=transformer.bert_init,
-      head_init=transformer.bert_init,
-    )
+    return Backbone(frontend, encoder, dim, transformer.bert_init, transformer.bert_init, 0)
   if modality == "text":
     frontend = text.TextFrontend(
       sizes["vocab_size"],
-      sizes["dim"],
+      dim,
       max_positions=sizes["max_positions"],
       pad_id=model_cfg.pad_id,
       dropout=model_cfg.dropout,
@@ -130,11 +142,10 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
       layer_norm_eps=model_cfg.layer_norm_eps,
       dtype=dtype,
     )
-    return Data2Vec(
-      frontend=frontend,
-      encoder=encoder,
-      dim=sizes["dim"],
-      mask_init=None,
-      head_hidden=2 * sizes["dim"],
-    )
+    return Backbone(frontend, encoder, dim, None, transformer.bert_init, 2 * dim)
   raise ValueError(f"Unknown modality {modality!r}; known: audio, image, text")
+
+
+def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec:
+  """The pretraining student of `modality` (see `build_backbone` for the config fields)."""
+  return Data2Vec(**build_backbone(modality, model_cfg)._asdict())

@@ -126,6 +126,7 @@ class ImageEncoder(nn.Module):
   drop_path_rate: float = 0.0
   layer_scale_init: float = 0.1
   layer_norm_eps: float = 1e-6
+  final_norm: bool = True  # False: BEiT's mean-pooling classifier (it normalises after pooling)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -153,6 +154,7 @@ class ImageEncoder(nn.Module):
       dtype=self.dtype,
       name="blocks",
     )(x, padding_mask, bias, train=train)
-    x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
+    if self.final_norm:
+      x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
     layers = [{name: y[:, 1:] for name, y in layer.items()} for layer in layers]
     return x[:, 1:], {"layers": layers, "cls": x[:, 0]}

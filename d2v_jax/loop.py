@@ -1,0 +1,130 @@
+"""The training loop shared by pretraining and fine-tuning (DESIGN.md, "Core contracts").
+
+`start` restores the newest checkpoint of the work directory (state and data position) or makes
+a fresh state; `run` steps until `config.loop.total_steps` with the progress bar, log lines,
+JSONL/TensorBoard rows, health checks, periodic evaluation and checkpoints. Step k uses
+`fold_in(loop_key, k)` inside the jitted step, so a resumed run draws the same masks and dropout.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from d2v_jax import checkpoint, metrics, sharding
+
+# Per-step metrics that are summed into rates, not averaged into the log line.
+_COUNTERS = ("valid_inputs", "num_masked")
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """How a modality counts its inputs: `name` for the rate, `unit` valid inputs per count."""
+
+  name: str  # e.g. "audio_seconds_per_sec"
+  unit: float  # valid inputs per counted thing (samples per second of audio; 1 otherwise)
+
+
+def throughput_of(config) -> Throughput:
+  """audio-seconds/s for speech, images/s for vision, tokens/s for text."""
+  if config.modality == "audio":
+    return Throughput("audio_seconds_per_sec", float(config.input.sample_rate))
+  if config.modality == "image":
+    return Throughput("images_per_sec", 1.0)
+  return Throughput("tokens_per_sec", 1.0)
+
+
+def start(ckpt: checkpoint.Checkpointer, make_state, data_iter, out_sharding, fresh=None):
+  """(state, resumed): the newest checkpoint restored onto `make_state`'s shapes, or a fresh one.
+
+  `fresh()` builds the fresh state (default: `make_state` jitted); fine-tuning passes one that
+  loads pretrained weights.
+  """
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = fresh() if fresh is not None else jax.jit(make_state, out_shardings=out_sharding)()
+    count = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("Fresh start: %s parameters", f"{count:,}")
+    return state, False
+  abstract = checkpoint.abstract_state(make_state, sharding=out_sharding)
+  state = ckpt.restore(latest, abstract, data_iter)
+  logging.info("Resumed from step %d", latest)
+  return state, True
+
+
+def run(
+  config,
+  state,
+  train_step: Callable,
+  data_iter,
+  mesh,
+  loop_key,
+  ckpt: checkpoint.Checkpointer,
+  writer: metrics.MetricWriter | None,
+  *,
+  evaluate: Callable | None = None,
+  eval_every: int = 0,
+):
+  """Steps `state` to `config.loop.total_steps`; returns (state, the last logged metrics).
+
+  `evaluate(state) -> dict` runs every `eval_every` steps (0 = never); its scalars join that
+  step's log row. Checkpoints are written every `loop.checkpoint_every` steps and at the end.
+  """
+  loop = config.loop
+  throughput = throughput_of(config)
+  loop_key = jax.device_put(loop_key, sharding.replicated(mesh))
+  progress = tqdm(
+    total=loop.total_steps,
+    initial=int(state.step),
+    disable=not loop.progress_bar,
+    unit="step",
+    dynamic_ncols=True,
+  )
+  pending, last, data_wait = [], {}, 0.0
+  window_start = time.perf_counter()
+  step = int(state.step)
+  try:
+    while step < loop.total_steps:
+      t0 = time.perf_counter()
+      batch = sharding.put_batch(next(data_iter), mesh)
+      data_wait += time.perf_counter() - t0
+      state, step_metrics = train_step(state, batch, loop_key)
+      pending.append(step_metrics)
+      step += 1
+      progress.update(1)
+      is_ckpt = step % loop.checkpoint_every == 0 or step == loop.total_steps
+      is_eval = evaluate is not None and eval_every and step % eval_every == 0
+      is_log = step % loop.log_every == 0 or is_ckpt or is_eval
+      if is_log:
+        last = summarise(jax.device_get(pending), window_start, data_wait, throughput)
+        metrics.check_health(step, last, loop)
+        if is_eval:
+          last.update(evaluate(state))
+        if writer:
+          writer.write(step, last)
+        logging.info(metrics.format_line(step, last))
+        progress.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+      if is_ckpt:
+        ckpt.save(step, state, data_iter)
+      if is_log:
+        # Rates cover training only: evaluation and the checkpoint's blocking part are excluded.
+        pending, data_wait, window_start = [], 0.0, time.perf_counter()
+  finally:
+    progress.close()
+    ckpt.wait()
+  return state, last
+
+
+def summarise(window: list[dict], start_time: float, data_wait: float, throughput) -> dict:
+  """Averages a window of per-step metrics and adds rates."""
+  elapsed = max(time.perf_counter() - start_time, 1e-9)
+  summary = {k: float(np.mean([m[k] for m in window])) for k in window[0] if k not in _COUNTERS}
+  summary["steps_per_sec"] = len(window) / elapsed
+  valid = float(sum(m["valid_inputs"] for m in window))
+  summary[throughput.name] = valid / throughput.unit / elapsed
+  summary["data_wait_frac"] = data_wait / elapsed
+  return summary
