@@ -22,8 +22,8 @@ import optax
 from absl import logging
 
 from d2v_jax.data import audio as audio_data
+from d2v_jax.data import batching, sources, text_corpus
 from d2v_jax.data import image as image_data
-from d2v_jax.data import sources, text_corpus
 from d2v_jax.data import text as text_data
 
 _FRAME_STRIDE = 320  # the conv stack's hop: pad clips to whole frames
@@ -166,19 +166,6 @@ def load_digit_images(config) -> tuple[ProbeData, ProbeData]:
   return tuple(ProbeData(d.images, None, d.labels, tuple(d.class_names)) for d in (train, test))
 
 
-def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-  """Sorted indices of about `size` examples, the same share of every class, fixed by `seed`."""
-  if size <= 0 or size >= len(labels):
-    return np.arange(len(labels))
-  rng = np.random.default_rng(seed)
-  keep = []
-  for label in np.unique(labels):
-    members = np.flatnonzero(labels == label)
-    count = max(1, round(size * len(members) / len(labels)))
-    keep.append(rng.choice(members, count, replace=False))
-  return np.sort(np.concatenate(keep))
-
-
 def load_verses(config) -> tuple[ProbeData, ProbeData]:
   """Genre-labelled verses of the embedded corpus, tokenized as `<s> verse </s>`, padded."""
   tokenizer = text_data.load_tokenizer_for(config.input)
@@ -188,7 +175,7 @@ def load_verses(config) -> tuple[ProbeData, ProbeData]:
     (config.probe.max_train, config.probe.max_test),
     strict=True,
   ):
-    keep = stratified_subset(data.labels, size)
+    keep = batching.stratified_subset(data.labels, size)
     tokens, padding = text_data.encode_for_probe(
       [data.texts[i] for i in keep], tokenizer, config.model.max_positions
     )

@@ -95,3 +95,16 @@ class DecodeFailures:
         error,
         self.substitute,
       )
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+  """Sorted indices of about `size` examples, the same share of every class, fixed by `seed`."""
+  if size <= 0 or size >= len(labels):
+    return np.arange(len(labels))
+  rng = np.random.default_rng(seed)
+  keep = []
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    count = max(1, round(size * len(members) / len(labels)))
+    keep.append(rng.choice(members, count, replace=False))
+  return np.sort(np.concatenate(keep))
