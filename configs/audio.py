@@ -129,6 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   config.loop = common.loop_config(recipe["steps"])
+  config.extract = common.extract_config()
   config.probe = ml_collections.ConfigDict(
     dict(enabled=True, every=500, seeds=(0, 1, 2), batch_size=32, l2=1e-3)
   )

@@ -47,3 +47,37 @@ def loop_config(total_steps: int) -> ml_collections.ConfigDict:
       progress_bar=True,
     )
   )
+
+
+def extract_config() -> ml_collections.ConfigDict:
+  """`mode=extract`: every layer's features of the work directory's model for a set of inputs."""
+  return ml_collections.ConfigDict(
+    dict(
+      input="",  # audio folder or manifest .tsv, image folder, or a text file (one per line)
+      output="",  # directory for one .npz (or .npy) per input and index.tsv
+      layers="all",  # all | last | comma-separated indices (0 = the encoder input)
+      format="npz",  # npz | npy
+      batch_size=8,
+    )
+  )
+
+
+def finetune_config(pretrain: ml_collections.ConfigDict, total_steps: int):
+  """The groups every fine-tuning config shares, built on its modality's pretraining config.
+
+  `config.model` starts as the pretraining model's; with `config.init.pretrained` set, its sizes
+  are replaced by the pretraining run's when the run starts (`pretrained.merge_model_config`),
+  so only training fields (dropouts, drop path, layerdrop) need setting here.
+  """
+  config = ml_collections.ConfigDict()
+  config.mode = "finetune"
+  config.modality = pretrain.modality
+  config.version = pretrain.version
+  config.seed = 0
+  # A pretraining work directory (newest checkpoint) or one checkpoint step directory in it;
+  # "" trains from a random initialisation (the log says so).
+  config.init = ml_collections.ConfigDict(dict(pretrained=""))
+  config.model = pretrain.model
+  config.loop = loop_config(total_steps)
+  config.eval = ml_collections.ConfigDict(dict(every=0, split="test"))
+  return config

@@ -140,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   config.loop = common.loop_config(recipe["steps"])
+  config.extract = common.extract_config()
   config.probe = ml_collections.ConfigDict(
     dict(
       enabled=True,

@@ -23,12 +23,16 @@ META_KEYS = ("modality", "version", "model")
 
 
 def describe(config) -> dict:
-  """What must match for a checkpoint to load into `config`'s model."""
-  return {
+  """What must match for a checkpoint to load into `config`'s model and train state."""
+  meta = {
     "modality": config.modality,
     "version": config.version,
+    "mode": config.get("mode", "pretrain"),
     "model": json.loads(config.model.to_json()),
   }
+  if "head" in config:  # fine-tuning: the head's task and width shape the parameters
+    meta["head"] = {"task": config.head.task, "num_outputs": config.head.num_outputs}
+  return meta
 
 
 def _differences(saved: dict, expected: dict, prefix: str = "") -> list[str]:
@@ -97,7 +101,8 @@ class Checkpointer:
       meta["model"] = {
         k: v for k, v in meta.get("model", {}).items() if k not in TRAINING_ONLY_MODEL_FIELDS
       }
-    diffs = _differences({k: saved.get(k) for k in META_KEYS}, expected)
+    saved.setdefault("mode", "pretrain")  # written before fine-tuning existed
+    diffs = _differences({k: saved.get(k) for k in expected}, expected)
     if diffs:
       raise ValueError(
         f"The checkpoint at {self.directory / str(step)} was written by a different model:\n  "

@@ -44,8 +44,7 @@ from d2v_jax.data import image as image_data
 from d2v_jax.data import image_sources, sources, text_sources
 from d2v_jax.data import text as text_data
 from d2v_jax.models import audio as audio_model
-from d2v_jax.models import variants
-from d2v_jax.models.data2vec import build_model
+from d2v_jax.models.data2vec import build_model, model_sizes
 
 RECEPTIVE_FIELD = 400  # samples behind the conv stack's first frame: shorter audio has no frame
 AUDIO_BUCKET_SECONDS = 1  # waveforms are padded to a whole number of seconds
@@ -99,13 +98,6 @@ def resolve_layers(spec: str | Sequence[int] | None, num_layers: int) -> tuple[i
   if not ids:
     raise ValueError("layers: no layer index given")
   return tuple(ids)
-
-
-def model_sizes(modality: str, model_cfg: ml_collections.ConfigDict) -> dict:
-  """The size fields of a model config: its variant's, overridden by the fields it sets."""
-  sizes = variants.decode_variant(modality, model_cfg.variant)
-  sizes.update({k: model_cfg[k] for k in sizes if k in model_cfg})
-  return sizes
 
 
 def run_input_config(run: pretrained.PretrainedRun) -> ml_collections.ConfigDict:

@@ -2,7 +2,8 @@
 
 - Adam with decoupled weight decay, as fairseq's `adam` (and timm's AdamW for vision).
 - Schedules: fairseq's tri-stage (linear warm-up from `init_lr_scale`, hold, exponential decay
-  to `final_lr_scale`) and cosine with linear warm-up.
+  to `final_lr_scale`), cosine with linear warm-up, and linear warm-up + linear decay (fairseq's
+  `polynomial_decay`, RoBERTa's GLUE fine-tuning).
 - Optional global-norm gradient clipping (`clip_norm` 0 = off, fairseq's default).
 - Fine-tuning (§1.6): BEiT's layer-wise LR decay, parameters frozen for the whole run (fairseq's
   `feature_grad_mult=0`) or for the first N updates (`freeze_finetune_updates`).
@@ -54,6 +55,18 @@ def cosine_schedule(peak: float, total_steps: int, *, warmup_steps: int, end_lr:
   )
 
 
+def linear_schedule(peak: float, total_steps: int, *, warmup_steps: int, end_lr: float = 0.0):
+  """fairseq `polynomial_decay` with power 1: linear warm-up from 0, linear decay to `end_lr`."""
+  warmup_steps = max(warmup_steps, 1)
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, peak, warmup_steps),
+      optax.linear_schedule(peak, end_lr, max(total_steps - warmup_steps, 1)),
+    ],
+    [warmup_steps],
+  )
+
+
 def make_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):
   if optim_cfg.schedule == "tri_stage":
     return tri_stage_schedule(
@@ -69,10 +82,14 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int):
     return cosine_schedule(
       optim_cfg.lr, total_steps, warmup_steps=optim_cfg.warmup_steps, end_lr=optim_cfg.end_lr
     )
+  if optim_cfg.schedule == "linear":
+    return linear_schedule(
+      optim_cfg.lr, total_steps, warmup_steps=optim_cfg.warmup_steps, end_lr=optim_cfg.end_lr
+    )
   if optim_cfg.schedule == "constant":
     return optax.constant_schedule(optim_cfg.lr)
   raise ValueError(
-    f"config.optim.schedule={optim_cfg.schedule!r}: use tri_stage, cosine or constant"
+    f"config.optim.schedule={optim_cfg.schedule!r}: use tri_stage, cosine, linear or constant"
   )
 
 

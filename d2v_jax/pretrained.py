@@ -8,7 +8,6 @@ offending key listed) a checkpoint whose weights do not fit.
 """
 
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -157,6 +156,6 @@ def merge_encoder(target_params, pretrained_params, groups=ENCODER_GROUPS):
   return traverse_util.unflatten_dict(merged, sep="/"), unused
 
 
-def describe(run: PretrainedRun) -> str:
-  """One line for logs and reports."""
-  return json.dumps({"checkpoint": str(run.directory), "step": run.step, **run.meta})
+def summary(run: PretrainedRun) -> dict:
+  """Where the weights came from, for reports (eval.json)."""
+  return {"checkpoint": str(run.directory), "step": run.step, **run.meta}

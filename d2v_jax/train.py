@@ -78,7 +78,8 @@ def example_inputs(config):
   if config.modality == "text":
     length = config.input.max_length
     return jnp.zeros((1, length), jnp.int32), jnp.zeros((1, length), bool)
-  length = min(config.input.crop_lengths)
+  # Pretraining crops to `crop_lengths`; fine-tuning pads to `pad_lengths`.
+  length = min(config.input.get("crop_lengths") or config.input.pad_lengths)
   return jnp.zeros((1, length), jnp.float32), jnp.zeros((1, length), bool)
 
 

@@ -9,6 +9,7 @@ compile, same results up to float rounding.
 
 import functools
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,7 +18,7 @@ import numpy as np
 from configs import audio as audio_config
 from configs import image as image_config
 from configs import text as text_config
-from d2v_jax import optim, sharding, steps, teacher, train
+from d2v_jax import checkpoint, optim, sharding, steps, teacher, train
 from d2v_jax.data import text as text_data
 from d2v_jax.data import text_corpus, tokenizer
 from d2v_jax.models.data2vec import build_model
@@ -259,3 +260,14 @@ def text_batch():
 @functools.cache
 def text_train_setup(num_devices: int = 4) -> TrainSetup:
   return TrainSetup(jax.devices()[:num_devices], text_step_config(), text_model(), text_params())
+
+
+def save_pretraining_checkpoint(workdir, config, params, *, with_config: bool = True):
+  """A pretraining checkpoint of `params` at step 1, as `train_and_evaluate` writes one."""
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  data_iterator = iter(grain.MapDataset.range(2).to_iter_dataset())
+  ckpt.save(1, {"params": params, "step": np.int32(1)}, data_iterator)
+  ckpt.wait()
+  if with_config:
+    train.write_config(workdir, config)
+  return workdir

@@ -2,14 +2,13 @@
 
 import json
 
-import grain
 import jax
 import numpy as np
 import pytest
 import soundfile
 from PIL import Image
 
-from d2v_jax import checkpoint, extract, pretrained, train
+from d2v_jax import extract, pretrained
 from d2v_jax.data import image as image_data
 from d2v_jax.models import audio as audio_model
 from tests import helpers
@@ -17,20 +16,9 @@ from tests import helpers
 SAMPLE_RATE = 16000
 
 
-def save_checkpoint(workdir, config, params, *, with_config: bool = True):
-  """A pretraining checkpoint of `params` at step 1, as `train_and_evaluate` writes one."""
-  ckpt = checkpoint.Checkpointer(workdir, config)
-  data_iterator = iter(grain.MapDataset.range(2).to_iter_dataset())
-  ckpt.save(1, {"params": params, "step": np.int32(1)}, data_iterator)
-  ckpt.wait()
-  if with_config:
-    train.write_config(workdir, config)
-  return workdir
-
-
 @pytest.fixture(scope="module")
 def audio_extractor(tmp_path_factory):
-  workdir = save_checkpoint(
+  workdir = helpers.save_pretraining_checkpoint(
     tmp_path_factory.mktemp("audio_run"), helpers.tiny_config(), helpers.tiny_params()
   )
   return extract.load_extractor(workdir, compiler_options=helpers.FAST_COMPILE)
@@ -38,7 +26,7 @@ def audio_extractor(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_extractor(tmp_path_factory):
-  workdir = save_checkpoint(
+  workdir = helpers.save_pretraining_checkpoint(
     tmp_path_factory.mktemp("image_run"), helpers.image_step_config(), helpers.image_params()
   )
   step_dir = workdir / "checkpoints" / "1"  # a step directory works as well as the workdir
@@ -47,7 +35,7 @@ def image_extractor(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_extractor(tmp_path_factory):
-  workdir = save_checkpoint(
+  workdir = helpers.save_pretraining_checkpoint(
     tmp_path_factory.mktemp("text_run"), helpers.text_step_config(), helpers.text_params()
   )
   return extract.load_extractor(workdir, compiler_options=helpers.FAST_COMPILE)
@@ -227,7 +215,9 @@ def test_wrong_paths_give_clear_errors(audio_extractor, tmp_path):
 
 
 def test_input_settings_default_to_the_modality_config_without_config_json(tmp_path):
-  save_checkpoint(tmp_path, helpers.image_step_config(), helpers.image_params(), with_config=False)
+  helpers.save_pretraining_checkpoint(
+    tmp_path, helpers.image_step_config(), helpers.image_params(), with_config=False
+  )
   run = pretrained.load_pretrained(tmp_path)
   input_cfg = extract.run_input_config(run)
   assert tuple(input_cfg.mean) == image_data.IMAGENET_MEAN

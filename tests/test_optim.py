@@ -118,6 +118,18 @@ def test_cosine_schedule_formula():
   assert got[total] == pytest.approx(end) and got[-1] == pytest.approx(end)
 
 
+def test_linear_schedule_formula():
+  """fairseq polynomial_decay (power 1): 0 -> peak over the warm-up, then a line to end_lr."""
+  peak, total, warmup, end = 1e-4, 100, 6, 0.0
+  schedule = jax.jit(jax.vmap(optim.linear_schedule(peak, total, warmup_steps=warmup, end_lr=end)))
+  steps = np.arange(0, total + 10)
+  want = [
+    peak * s / warmup if s < warmup else max(peak * (total - s) / (total - warmup), end)
+    for s in steps
+  ]
+  np.testing.assert_allclose(np.asarray(schedule(steps)), want, rtol=1e-5, atol=1e-10)
+
+
 def test_make_schedule_kinds_and_errors():
   cfg = audio_config.get_config().optim
   cfg.schedule = "constant"
@@ -125,7 +137,7 @@ def test_make_schedule_kinds_and_errors():
   cfg.schedule = "cosine"
   cfg.warmup_steps = 5
   assert float(optim.make_schedule(cfg, 10)(5)) == pytest.approx(cfg.lr)
-  cfg.schedule = "linear"
+  cfg.schedule = "exponential"
   with pytest.raises(ValueError, match="schedule"):
     optim.make_schedule(cfg, 10)
   cfg.schedule = "constant"

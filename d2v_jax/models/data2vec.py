@@ -74,6 +74,13 @@ class Backbone(NamedTuple):
   head_hidden: int  # text's two-layer regression head width; 0 = one Linear
 
 
+def model_sizes(modality: str, model_cfg: ml_collections.ConfigDict) -> dict:
+  """The variant's size fields, with those that `model_cfg` sets taking precedence."""
+  sizes = variants.decode_variant(modality, model_cfg.variant)
+  sizes.update({k: model_cfg[k] for k in sizes if k in model_cfg})
+  return sizes
+
+
 def build_backbone(
   modality: str, model_cfg: ml_collections.ConfigDict, *, final_norm: bool = True
 ) -> Backbone:
@@ -85,8 +92,7 @@ def build_backbone(
   can be built. `final_norm=False` leaves out the vision encoder's last LayerNorm (BEiT's
   mean-pooling classifier normalises after pooling instead).
   """
-  sizes = variants.decode_variant(modality, model_cfg.variant)
-  sizes.update({k: model_cfg[k] for k in sizes if k in model_cfg})
+  sizes = model_sizes(modality, model_cfg)
   dtype = jnp.dtype(model_cfg.dtype)
   transformer_sizes = dict(
     num_layers=sizes["num_layers"], num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"]
