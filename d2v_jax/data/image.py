@@ -223,6 +223,25 @@ class Augment:
 # Batches.
 
 
+def read_or_substitute(
+  source: image_sources.ImageSource, record: int, failures: batching.DecodeFailures
+) -> tuple[int, Image.Image]:
+  """Decodes `record`; if that fails, the next record (in source order) that decodes.
+
+  The open at index time makes this rare (a truncated file, one changed since); a deterministic
+  substitute keeps the batch full and the resumed iterator exact. The substitute's own draws
+  (seeded by its record) and label are used.
+  """
+  num_records = len(source)
+  for offset in range(num_records):
+    candidate = (record + offset) % num_records
+    try:
+      return candidate, source.pil_image(candidate)
+    except image_sources.DECODE_ERRORS as e:
+      failures(candidate, e)
+  raise RuntimeError(f"{source.name}: no image decodes any more")
+
+
 class LoadImageBatch(grain.transforms.Map):
   """Global batch index -> this process's rows of that batch, decoded and augmented.
 
@@ -245,25 +264,9 @@ class LoadImageBatch(grain.transforms.Map):
     size = self.augment.image_size
     images = np.empty((len(records), size, size, 3), np.float32)  # [b, S, S, 3]
     for row, record in enumerate(records):
-      used, image = self._read(int(record))
+      used, image = read_or_substitute(self.source, int(record), self._failures)
       images[row] = self.augment(image, epoch, used)
     return {"image": images}
-
-  def _read(self, record: int) -> tuple[int, Image.Image]:
-    """Decodes `record`; if that fails, the next record (in source order) that decodes.
-
-    The open at index time makes this rare (a truncated file, one changed since); a deterministic
-    substitute keeps the batch full and the resumed iterator exact. The substitute's own draws
-    (seeded by its record) are used.
-    """
-    num_records = len(self.source)
-    for offset in range(num_records):
-      candidate = (record + offset) % num_records
-      try:
-        return candidate, self.source.pil_image(candidate)
-      except image_sources.DECODE_ERRORS as e:
-        self._failures(candidate, e)
-    raise RuntimeError(f"{self.source.name}: no image decodes any more")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,7 @@ from d2v_jax.data.image import (
   _triple,
   normalize,
   random_resized_crop_params,
+  read_or_substitute,
 )
 
 DEFAULT_RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # spec §1.6
@@ -271,21 +272,6 @@ def _checked_label(source, record: int, label_map: np.ndarray) -> int:
   return int(label_map[label])
 
 
-def _read(source, record: int, failures: batching.DecodeFailures) -> tuple[int, Image.Image]:
-  """Decodes `record`; if that fails, the next record (in source order) that decodes.
-
-  As `image.LoadImageBatch`: deterministic, so a batch stays full and a resumed iterator exact.
-  """
-  num_records = len(source)
-  for offset in range(num_records):
-    candidate = (record + offset) % num_records
-    try:
-      return candidate, source.pil_image(candidate)
-    except image_sources.DECODE_ERRORS as e:
-      failures(candidate, e)
-  raise RuntimeError(f"{source.name}: no image decodes any more")
-
-
 # ---------------------------------------------------------------------------------------------
 # Training batches.
 
@@ -320,7 +306,7 @@ class LoadLabelledBatch(grain.transforms.Map):
     images = np.empty((len(records), size, size, 3), np.float32)  # [b, S, S, 3]
     labels = np.empty(len(records), np.int32)  # [b]
     for row, record in enumerate(records):
-      used, image = _read(self.source, int(record), self._failures)
+      used, image = read_or_substitute(self.source, int(record), self._failures)
       images[row] = self.augment(image, epoch, used)
       labels[row] = _checked_label(self.source, used, self.label_map)
     return {"image": images, "label": labels}
