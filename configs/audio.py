@@ -131,6 +131,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loop = common.loop_config(recipe["steps"])
   config.extract = common.extract_config()
   config.probe = ml_collections.ConfigDict(
-    dict(enabled=True, every=500, seeds=(0, 1, 2), batch_size=32, l2=1e-3)
+    dict(
+      enabled=True,
+      every=500,
+      seeds=(0, 1, 2),
+      batch_size=32,
+      l2=1e-3,
+      knn_k=20,
+      knn_temperature=0.07,
+    )
   )
   return config

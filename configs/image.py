@@ -167,6 +167,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seeds=(0, 1, 2),
       batch_size=64,
       l2=1e-3,
+      knn_k=20,  # kNN probe: neighbours and vote temperature (DINO's)
+      knn_temperature=0.07,
     )
   )
   return config

@@ -20,7 +20,7 @@ from configs import common, image
 # variant -> (batch, peak LR, epochs, warm-up epochs, drop path, weight decay); spec §1.6.
 _RECIPES = {
   # CPU recipe on the embedded digits (~22 batches an epoch).
-  "tiny": (64, 2e-3, 30, 3, 0.1, 0.05),
+  "tiny": (64, 2e-3, 20, 2, 0.1, 0.05),
   "base": (1024, 4e-3, 100, 10, 0.2, 0.0),
   "large": (1024, 5e-3, 50, 5, 0.25, 0.05),
 }

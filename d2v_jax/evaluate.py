@@ -1,9 +1,15 @@
-"""Linear probe: how linearly separable are a frozen encoder's features?
+"""Probes of a frozen encoder: a linear classifier and k-nearest neighbours on pooled features.
 
 The encoder runs in eval mode on unmasked inputs; each layer's end-of-block output is mean-pooled
-over valid positions (frames, or patches: an image model's CLS is not among them), the pooled
-layers are averaged, standardised with training statistics, and a softmax classifier is fitted
-with Adam on the training split and scored on the held-out split. Probe sets:
+over valid positions (frames, or patches: an image model's CLS is not among them) and the pooled
+layers are averaged. Two evaluators read these features:
+- linear: standardised with training statistics, a softmax classifier fitted with Adam on the
+  training split, scored on the held-out split (one result per probe seed);
+- kNN: centred with the training mean and L2-normalised; each test example takes a vote of its
+  k most cosine-similar training examples weighted by exp(similarity / T) (DINO's weighted kNN;
+  deterministic). It asks whether the feature space's geometry groups the classes, without
+  fitting anything.
+Probe sets:
 - speech: the embedded spoken words, train/test split by voice (speaker-independent);
 - images: the embedded digits, resized whole to the model's resolution, stratified split;
 - text: the embedded King James Bible's verses labelled by genre (6 classes), train and test
@@ -138,10 +144,43 @@ def fit_linear_probe(
   return float(np.mean(predictions == test_y))
 
 
-def probe_accuracy(model, params, probe_cfg, train: ProbeData, test: ProbeData) -> list[float]:
-  """Test accuracy of a linear probe on `params`' pooled features, one value per probe seed."""
+def knn_accuracy(
+  train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 20, temperature: float = 0.07
+) -> float:
+  """Weighted kNN on cosine similarity of centred features; returns test accuracy."""
+  mean = train_x.mean(0)
+
+  def unit(x):
+    x = x - mean
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+  train_x, test_x = unit(train_x), unit(test_x)
+  k = min(k, len(train_y))
+  correct = 0
+  for start in range(0, len(test_y), 1024):  # [b, N] similarities at a time
+    similarity = test_x[start : start + 1024] @ train_x.T
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [b, k]
+    weights = np.exp(np.take_along_axis(similarity, nearest, axis=1) / temperature)
+    votes = np.zeros((len(nearest), num_classes))
+    np.add.at(votes, (np.arange(len(nearest))[:, None], train_y[nearest]), weights)
+    correct += int(np.sum(votes.argmax(1) == test_y[start : start + 1024]))
+  return correct / len(test_y)
+
+
+def probe_scores(model, params, probe_cfg, train: ProbeData, test: ProbeData) -> dict:
+  """{"linear": test accuracy per probe seed, "knn": kNN test accuracy} of `params`' features."""
   train_x = pooled_features(model, params, train, probe_cfg.batch_size)
   test_x = pooled_features(model, params, test, probe_cfg.batch_size)
+  num_classes = len(train.class_names)
+  knn = knn_accuracy(
+    train_x,
+    train.labels,
+    test_x,
+    test.labels,
+    num_classes=num_classes,
+    k=probe_cfg.get("knn_k", 20),
+    temperature=probe_cfg.get("knn_temperature", 0.07),
+  )
   accuracies = []
   for seed in probe_cfg.seeds:
     acc = fit_linear_probe(
@@ -149,13 +188,15 @@ def probe_accuracy(model, params, probe_cfg, train: ProbeData, test: ProbeData) 
       train.labels,
       test_x,
       test.labels,
-      num_classes=len(train.class_names),
+      num_classes=num_classes,
       seed=seed,
       l2=probe_cfg.l2,
     )
     accuracies.append(acc)
-  logging.info("probe accuracy per seed %s: mean %.4f", accuracies, np.mean(accuracies))
-  return accuracies
+  logging.info(
+    "probe accuracy per seed %s: mean %.4f; kNN %.4f", accuracies, np.mean(accuracies), knn
+  )
+  return {"linear": accuracies, "knn": knn}
 
 
 def load_digit_images(config) -> tuple[ProbeData, ProbeData]:

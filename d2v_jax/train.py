@@ -142,8 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   probe_sets = evaluate_lib.load_probe_sets(config) if config.probe.enabled else None
 
   def probe(state):
-    accuracies = evaluate_lib.probe_accuracy(model, state.params, config.probe, *probe_sets)
-    return {"probe_acc": float(np.mean(accuracies))}
+    scores = evaluate_lib.probe_scores(model, state.params, config.probe, *probe_sets)
+    return {"probe_acc": float(np.mean(scores["linear"])), "probe_knn_acc": scores["knn"]}
 
   writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
   try:
@@ -171,21 +171,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def probe_report(model, initial_params, params, probe_cfg, probe_sets) -> dict:
-  """Probe accuracies of the encoder at initialisation and now, per seed and mean."""
-  random_acc = evaluate_lib.probe_accuracy(model, initial_params, probe_cfg, *probe_sets)
-  trained_acc = evaluate_lib.probe_accuracy(model, params, probe_cfg, *probe_sets)
+  """Linear-probe (per seed, mean) and kNN accuracies of the encoder at initialisation and now."""
+  random = evaluate_lib.probe_scores(model, initial_params, probe_cfg, *probe_sets)
+  trained = evaluate_lib.probe_scores(model, params, probe_cfg, *probe_sets)
   result = {
     "seeds": list(probe_cfg.seeds),
-    "random": random_acc,
-    "pretrained": trained_acc,
-    "random_mean": float(np.mean(random_acc)),
-    "pretrained_mean": float(np.mean(trained_acc)),
+    "random": random["linear"],
+    "pretrained": trained["linear"],
+    "random_mean": float(np.mean(random["linear"])),
+    "pretrained_mean": float(np.mean(trained["linear"])),
+    "random_knn": random["knn"],
+    "pretrained_knn": trained["knn"],
   }
   logging.info(
-    "Probe: random init %.2f%%, pretrained %.2f%% (mean over seeds %s)",
+    "Probe: random init %.2f%%, pretrained %.2f%% (linear, mean over seeds %s); "
+    "kNN %.2f%% -> %.2f%%",
     100 * result["random_mean"],
     100 * result["pretrained_mean"],
     result["seeds"],
+    100 * result["random_knn"],
+    100 * result["pretrained_knn"],
   )
   return result
 

@@ -1,4 +1,4 @@
-"""The linear probe: classifier, probe data, and `mode=probe` on a checkpoint."""
+"""The probes (linear and kNN), probe data, and `mode=probe` on a checkpoint."""
 
 import json
 
@@ -20,6 +20,38 @@ def test_linear_probe_separates_separable_classes_and_not_shuffled_ones():
   assert acc > 0.95
   shuffled = rng.permutation(labels)
   acc = evaluate.fit_linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], **kwargs)
+  assert acc < 0.5
+
+
+def test_knn_matches_a_brute_force_weighted_vote():
+  rng = np.random.default_rng(1)
+  train_x, test_x = rng.normal(size=(50, 8)), rng.normal(size=(30, 8))
+  train_y, test_y = rng.integers(0, 3, 50), rng.integers(0, 3, 30)
+  k, temperature = 5, 0.1
+  centred = train_x - train_x.mean(0)
+  unit_train = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+  correct = 0
+  for x, y in zip(test_x, test_y):
+    q = x - train_x.mean(0)
+    similarity = unit_train @ (q / np.linalg.norm(q))
+    votes = np.zeros(3)
+    for i in np.argsort(-similarity)[:k]:
+      votes[train_y[i]] += np.exp(similarity[i] / temperature)
+    correct += votes.argmax() == y
+  got = evaluate.knn_accuracy(
+    train_x, train_y, test_x, test_y, num_classes=3, k=k, temperature=temperature
+  )
+  assert got == correct / 30
+
+
+def test_knn_finds_clusters_and_not_shuffled_labels():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(4, 16)) * 3
+  labels = rng.integers(0, 4, size=400)
+  x = centres[labels] + rng.normal(size=(400, 16))
+  assert evaluate.knn_accuracy(x[:300], labels[:300], x[300:], labels[300:], num_classes=4) > 0.95
+  shuffled = rng.permutation(labels)
+  acc = evaluate.knn_accuracy(x[:300], shuffled[:300], x[300:], shuffled[300:], num_classes=4)
   assert acc < 0.5
 
 
@@ -49,6 +81,7 @@ def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path, modality):
   assert result["step"] == 2 and result["seeds"] == [0]
   for key in ("random", "pretrained"):
     assert len(result[key]) == 1 and 0.0 <= result[key][0] <= 1.0
+    assert 0.0 <= result[f"{key}_knn"] <= 1.0
   assert json.loads((tmp_path / "probe.json").read_text())["step"] == 2
 
 
