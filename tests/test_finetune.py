@@ -119,7 +119,7 @@ def _tiny_text_finetune(total_steps: int) -> ml_collections.ConfigDict:
     total_steps=total_steps, log_every=1, checkpoint_every=2, keep_checkpoints=5, progress_bar=False
   )
   config.optim.warmup_steps = 1
-  config.eval.every = 2
+  config.eval.every = 4
   return config
 
 
