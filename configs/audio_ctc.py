@@ -34,7 +34,7 @@ _LARGE = {
   "960h": (3e-5, 320_000, 0.5),
 }
 # CPU recipe on the embedded sentences: a higher LR and a short head-only phase.
-_TINY = (2e-3, 500, 0.3, 0.1, 0.0, 50)
+_TINY = (2e-3, 400, 0.3, 0.1, 0.0, 40)
 
 
 def _recipe(variant: str, split: str):
@@ -118,5 +118,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_workers=0,
     )
   )
-  config.eval.update(dict(every=250 if arg.variant == "tiny" else 2000, split="test"))
+  config.eval.update(dict(every=200 if arg.variant == "tiny" else 2000, split="test"))
   return config
