@@ -180,12 +180,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     if config.head.task == "ctc":  # the letters the head's outputs stand for
       data.vocabulary.save(workdir / "dict.ltr.txt")
 
-  train_step = jax.jit(
-    finetune_steps.make_finetune_step(model, tx, schedule, config),
-    in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=(0,),
-  )
+  train_step = loop.jit_step(finetune_steps.make_finetune_step(model, tx, schedule, config), mesh)
   predict = jax.jit(finetune_steps.make_predict(model, config.modality))
 
   def dev_scores(state):

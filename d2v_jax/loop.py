@@ -56,6 +56,18 @@ def start(ckpt: checkpoint.Checkpointer, make_state, data_iter, out_sharding, fr
   return state, True
 
 
+def jit_step(step_fn, mesh):
+  """`step_fn(state, batch, loop_key)` jitted: state and key replicated, the batch split over
+  devices, the old state's buffers donated to the new one."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
+    step_fn,
+    in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
+
+
 def run(
   config,
   state,

@@ -133,12 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.probe.enabled:  # the encoder at initialisation is the probe's baseline
     initial_params = jax.jit(make_state, out_shardings=replicated)().params
 
-  train_step = jax.jit(
-    steps.make_pretrain_step(model, tx, schedule, config),
-    in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=(0,),
-  )
+  train_step = loop.jit_step(steps.make_pretrain_step(model, tx, schedule, config), mesh)
   probe_sets = evaluate_lib.load_probe_sets(config) if config.probe.enabled else None
 
   def probe(state):
