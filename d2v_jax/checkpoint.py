@@ -22,12 +22,20 @@ from absl import logging
 META_KEYS = ("modality", "version", "model")
 
 
+def state_kind(mode: str) -> str:
+  """The train state a run of `mode` reads or writes: "finetune", else "pretrain".
+
+  `probe` and `extract` read the pretraining state, so a pretraining checkpoint serves them.
+  """
+  return "finetune" if mode == "finetune" else "pretrain"
+
+
 def describe(config) -> dict:
   """What must match for a checkpoint to load into `config`'s model and train state."""
   meta = {
     "modality": config.modality,
     "version": config.version,
-    "mode": config.get("mode", "pretrain"),
+    "mode": state_kind(config.get("mode", "pretrain")),
     "model": json.loads(config.model.to_json()),
   }
   if "head" in config:  # fine-tuning: the head's task and width shape the parameters

@@ -77,6 +77,7 @@ def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path, modality):
   train.train_and_evaluate(config, tmp_path)
   with config.unlocked():
     config.probe.update(enabled=True, seeds=(0,))
+    config.mode = "probe"  # as main.py sets it: reads the pretraining checkpoint
   result = train.probe_checkpoint(config, tmp_path)
   assert result["step"] == 2 and result["seeds"] == [0]
   for key in ("random", "pretrained"):
