@@ -67,6 +67,12 @@ TRAINING_ONLY_MODEL_FIELDS = (
 )
 
 
+# Model fields a fine-tuning config chooses whatever the pretraining run used (they change the
+# layout of some weights, which `pretrained.merge_encoder` converts); unlike the training-only
+# fields, a resumed run must match them.
+FINETUNE_LAYOUT_FIELDS = ("relative_bias",)
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator) in `<workdir>/checkpoints`."""
 

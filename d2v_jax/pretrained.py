@@ -107,13 +107,14 @@ def merge_model_config(
   """The fine-tuning model config: the pretraining run's sizes, this run's training fields.
 
   Fields listed in `checkpoint.TRAINING_ONLY_MODEL_FIELDS` (dropouts, layerdrop, drop path,
-  dtype) keep the fine-tuning config's values; every other field (variant, sizes, vocabulary,
-  eps) comes from the checkpoint, so a fine-tuning config need not repeat them. Differences
-  are logged.
+  dtype) and `checkpoint.FINETUNE_LAYOUT_FIELDS` (vision's relative bias layout) keep the
+  fine-tuning config's values; every other field (variant, sizes, vocabulary, eps) comes from the
+  checkpoint, so a fine-tuning config need not repeat them. Differences are logged.
   """
   merged = ml_collections.ConfigDict(model_cfg.to_dict())
+  kept = (*checkpoint.TRAINING_ONLY_MODEL_FIELDS, *checkpoint.FINETUNE_LAYOUT_FIELDS)
   for key, value in pretrained_model.items():
-    if key in checkpoint.TRAINING_ONLY_MODEL_FIELDS:
+    if key in kept:
       continue
     if key in merged and merged[key] != value:
       logging.info("config.model.%s: %r -> %r (from the pretraining run)", key, merged[key], value)
@@ -123,15 +124,33 @@ def merge_model_config(
   return merged
 
 
+# Vision's relative position bias table: shared by every block in pretraining ([rows, H]); BEiT's
+# fine-tuning gives each block its own, each starting as a copy of the shared one ([L, rows, H]).
+RELATIVE_BIAS_TABLE = "encoder/rel_pos_bias/table"
+
+
+def _expand_shared_bias(source: dict, target: dict) -> dict:
+  """`source` with a shared relative bias table copied into every block if `target` has one per
+  block (BEiT fine-tuning from a pretrained checkpoint)."""
+  table, wanted = source.get(RELATIVE_BIAS_TABLE), target.get(RELATIVE_BIAS_TABLE)
+  if table is None or wanted is None or np.ndim(table) != 2 or len(wanted.shape) != 3:
+    return source
+  logging.info("Copying the shared relative position bias into each of %d blocks", wanted.shape[0])
+  expanded = np.broadcast_to(np.asarray(table), (wanted.shape[0], *np.shape(table)))
+  return {**source, RELATIVE_BIAS_TABLE: expanded}
+
+
 def merge_encoder(target_params, pretrained_params, groups=ENCODER_GROUPS):
   """`target_params` with every leaf under `groups` replaced by the pretrained one.
 
-  Raises ValueError listing every target leaf that the checkpoint lacks or holds with another
-  shape. Pretrained leaves the target does not use (the regression head, vision's final norm)
-  are logged, not loaded. Returns (params, names of the unused pretrained leaves).
+  A shared vision relative bias table is copied into every block when the target has one per
+  block. Raises ValueError listing every target leaf that the checkpoint lacks or holds with
+  another shape. Pretrained leaves the target does not use (the regression head, vision's final
+  norm) are logged, not loaded. Returns (params, names of the unused pretrained leaves).
   """
   target = traverse_util.flatten_dict(target_params, sep="/")
   source = traverse_util.flatten_dict(pretrained_params, sep="/")
+  source = _expand_shared_bias(source, target)
   wanted = [k for k in target if k.split("/")[0] in groups]
   missing = [k for k in wanted if k not in source]
   mismatched = [

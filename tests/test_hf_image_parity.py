@@ -290,21 +290,27 @@ def test_converter_rejects_an_audio_checkpoint(ckpt):
   assert "masked_spec_embed" in message and "embeddings.cls_token" in message
 
 
-def test_converter_rejects_per_layer_bias_tables(ckpt):
-  """Fine-tuned checkpoints have one table per block; ours has one shared table."""
+def test_converter_stacks_per_layer_bias_tables(ckpt):
+  """Fine-tuned checkpoints have one table per block: they stack into our [L, rows, H] table."""
   state_dict, config = dict(ckpt[0]), ckpt[1]
   shared = state_dict.pop("encoder.relative_position_bias.relative_position_bias_table")
+  tables = [shared + i for i in range(3)]  # distinct per block
   for i in range(3):
     key = (
       f"encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
     )
-    state_dict[key] = shared
+    state_dict[key] = tables[i]
   per_layer = {**config, "use_relative_position_bias": True, "use_shared_relative_position_bias": 0}
-  with pytest.raises(hf_image.ConversionError, match="per-layer relative position bias") as err:
-    hf_image.params_from_hf(state_dict, per_layer)
-  assert "one table shared by all blocks" in str(err.value)
-  # A config that claims a shared table does not get the per-layer ones past us either.
-  with pytest.raises(hf_image.ConversionError, match="per-layer relative position bias") as err:
+  assert hf_image.config_from_hf(per_layer).relative_bias == "per_layer"
+  params = hf_image.params_from_hf(state_dict, per_layer)
+  np.testing.assert_array_equal(params["encoder"]["rel_pos_bias"]["table"], np.stack(tables))
+  back = hf_image.params_to_hf(params)
+  assert back.keys() == state_dict.keys()
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  assert hf_image.hf_config_from_params(params)["use_relative_position_bias"] is True
+  # A config that claims a shared table does not get the per-layer ones past us.
+  with pytest.raises(hf_image.ConversionError, match="use_relative_position_bias=True") as err:
     hf_image.params_from_hf(state_dict, config)
   assert "unknown keys (3)" in str(err.value) and "missing keys (1)" in str(err.value)
 
@@ -357,8 +363,8 @@ def test_build_from_hf_applies_layer_norm_eps(ckpt):
 @pytest.mark.parametrize(
   "override, expected",
   [
-    (dict(use_relative_position_bias=True), "per-layer"),
-    (dict(use_shared_relative_position_bias=False), "use_shared_relative_position_bias=False"),
+    (dict(use_relative_position_bias=True), "exactly one of"),  # both layouts at once
+    (dict(use_shared_relative_position_bias=False), "exactly one of"),  # neither
     (dict(use_absolute_position_embeddings=True), "use_absolute_position_embeddings"),
     (dict(use_mean_pooling=True), "use_mean_pooling"),
     (dict(hidden_act="gelu_new"), "hidden_act"),

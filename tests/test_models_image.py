@@ -175,3 +175,39 @@ def test_drop_path_is_per_sample_and_only_in_training():
   distinct_rows = {tuple(np.round(r.ravel()[:8], 4)) for r in train_out}
   assert len(distinct_rows) > 1
   assert np.abs(train_out - eval_out).max() > 1e-4
+
+
+def test_per_layer_bias_tables_start_as_copies_of_the_shared_one():
+  """BEiT fine-tuning: one relative position table per block, each a copy of the pretrained
+  shared table (`pretrained.merge_encoder`); with equal tables the outputs are the shared
+  model's, and a different table in one block changes them."""
+  from d2v_jax import pretrained
+
+  shared_model = build_model("image", image_model_config())
+  per_layer_model = build_model("image", image_model_config(relative_bias="per_layer"))
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  shared = shared_model.init(jax.random.key(1), images, None, train=False)["params"]
+  shared["encoder"]["rel_pos_bias"]["table"] = jax.random.normal(jax.random.key(2), (52, 4))
+  target = per_layer_model.init(jax.random.key(3), images, None, train=False)["params"]
+  assert target["encoder"]["rel_pos_bias"]["table"].shape == (3, 52, 4)
+  merged, _ = pretrained.merge_encoder(target, shared, groups=("frontend", "encoder"))
+  np.testing.assert_array_equal(
+    merged["encoder"]["rel_pos_bias"]["table"][2], shared["encoder"]["rel_pos_bias"]["table"]
+  )
+
+  def encode(model, params):  # the last block's output (the call's [0] is the regression head)
+    return model.apply({"params": params}, images, None, train=False)[1]["layers"][-1]["block"]
+
+  np.testing.assert_allclose(
+    encode(per_layer_model, merged), encode(shared_model, shared), atol=1e-6, rtol=1e-6
+  )
+  table = merged["encoder"]["rel_pos_bias"]["table"]
+  noise = jax.random.normal(jax.random.key(4), table.shape[1:])  # a constant would cancel out
+  changed = jax.tree.map(lambda x: x, merged)
+  changed["encoder"]["rel_pos_bias"]["table"] = table.at[1].add(noise)
+  assert not np.allclose(encode(per_layer_model, changed), encode(per_layer_model, merged))
+
+
+def test_unknown_relative_bias_layout_is_a_clear_error():
+  with pytest.raises(ValueError, match="config.model.relative_bias='per_block'"):
+    build_model("image", image_model_config(relative_bias="per_block"))

@@ -50,12 +50,30 @@ def _transpose(w):
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One HF parameter: where it goes in our tree, HF's shape, and the layout conversions."""
+  """One HF parameter: where it goes in our tree, HF's shape, and the layout conversions.
+
+  `index` is set where several HF parameters stack into one leaf of ours (vision's per-block
+  relative position tables -> one [L, rows, H] leaf): this parameter is slice `index` of it.
+  """
 
   path: tuple[str, ...]  # path in our params tree
   hf_shape: tuple[int, ...]  # expected shape in the state dict
   to_ours: Callable[[np.ndarray], np.ndarray]  # HF layout -> ours
   to_hf: Callable[[np.ndarray], np.ndarray]  # ours -> HF layout
+  index: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """A task model's head: what `build_finetune_model` needs and where HF keeps its weights.
+
+  `keys` holds full HF names (a head may have keys inside the base model's prefix, e.g. vision's
+  `data2vec_vision.pooler.layernorm`); `config` is our `config.head` (task, num_outputs, ...).
+  """
+
+  hf_class: str  # e.g. "Data2VecAudioForCTC"
+  config: dict
+  keys: "KeyTable"
 
 
 class KeyTable(dict[str, Entry]):
@@ -70,9 +88,15 @@ class KeyTable(dict[str, Entry]):
     """HF key -> its shape (for `check_state_dict`)."""
     return {k: e.hf_shape for k, e in self.items()}
 
-  def add(self, hf_name, path, hf_shape, to_ours=_same, to_hf=_same):
+  def add(self, hf_name, path, hf_shape, to_ours=_same, to_hf=_same, index=None):
     """`hf_name` -> `path` ("a/b/c" in our tree); the conversions default to "as is"."""
-    self[hf_name] = Entry(tuple(path.split("/")), tuple(hf_shape), to_ours, to_hf)
+    self[hf_name] = Entry(tuple(path.split("/")), tuple(hf_shape), to_ours, to_hf, index)
+
+  def prefixed(self, prefix: str) -> "KeyTable":
+    """The same entries under `prefix` + each HF name (a task model's base-model keys)."""
+    table = KeyTable()
+    table.update({prefix + k: e for k, e in self.items()})
+    return table
 
   def add_norm(self, hf_name, path, size):
     """A LayerNorm: HF `weight`/`bias` -> our `scale`/`bias`."""
@@ -189,6 +213,7 @@ def check_state_dict(
   unchecked: Collection[str] = (),
   hints: Callable[[list[str], str], list[str]] | None = None,
   extra: Callable[[dict[str, Any]], list[str]] | None = None,
+  head_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
   """Sorts an HF state dict into the keys a converter reads, or raises listing every problem.
 
@@ -204,26 +229,33 @@ def check_state_dict(
     hints: (unknown keys, prefix) -> explanations, listed right after the unknown keys.
     extra: the accepted keys -> further problems, listed last (e.g. a buffer that differs from
       ours); called whatever else is wrong.
+    head_shapes: a task head's keys (full names, prefix included where HF has it) -> shapes;
+      all required.
 
   Returns:
-    {key without `prefix`: value} for every key of `shapes` or `unchecked` that is present, in
-    the order of `state_dict`.
+    {key without `prefix`: value} for every key of `shapes` or `unchecked` that is present, and
+    {full name: value} for the head's keys, in the order of `state_dict`.
 
   Raises:
     ConversionError: listing every unknown, missing or mis-shaped key and `extra`'s problems.
   """
+  head_shapes = dict(head_shapes or {})
   given, unknown = {}, []
   for key, value in state_dict.items():
     name = key[len(prefix) :] if key.startswith(prefix) else None
-    if name in shapes or name in unchecked:
+    if key in head_shapes:
+      given[key] = value
+    elif name in shapes or name in unchecked:
       given[name] = value
     else:
       unknown.append(key)
   missing = [prefix + k for k in shapes if k not in given and k not in optional]
+  missing += [k for k in head_shapes if k not in given]
+  full_names = {**{prefix + k: v for k, v in shapes.items()}, **head_shapes}
   misshaped = [
-    f"{prefix + k}: got {tuple(np.shape(v))}, expected {shapes[k]}"
-    for k, v in given.items()
-    if k in shapes and tuple(np.shape(v)) != shapes[k]
+    f"{k}: got {tuple(np.shape(v))}, expected {full_names[k]}"
+    for k, v in ((k if k in head_shapes else prefix + k, v) for k, v in given.items())
+    if k in full_names and tuple(np.shape(v)) != full_names[k]
   ]
   problems = extra(given) if extra is not None else []
   if unknown or missing or misshaped or problems:
@@ -243,12 +275,20 @@ def check_state_dict(
 
 def convert(given: Mapping[str, Any], table: Mapping[str, Entry]) -> dict[tuple[str, ...], Any]:
   """HF arrays -> our flat tree {path: float32 array}, for the keys of `given` that `table` lists
-  (in the order of `given`)."""
-  return {
-    table[k].path: table[k].to_ours(np.asarray(v, dtype=np.float32))
-    for k, v in given.items()
-    if k in table
-  }
+  (in the order of `given`); stacked entries (`Entry.index`) are stacked in index order."""
+  flat, stacks = {}, {}
+  for k, v in given.items():
+    if k not in table:
+      continue
+    entry = table[k]
+    value = entry.to_ours(np.asarray(v, dtype=np.float32))
+    if entry.index is None:
+      flat[entry.path] = value
+    else:
+      stacks.setdefault(entry.path, {})[entry.index] = value
+  for path, parts in stacks.items():
+    flat[path] = np.stack([parts[i] for i in sorted(parts)])
+  return flat
 
 
 def params_tree(
@@ -298,6 +338,51 @@ def init_shapes_and_head(model: Any, inputs: Sequence[Any], seed: int) -> dict:
   return {**shapes, **jax.device_get(head)}
 
 
+def classifier_shape(c: Mapping[str, Any], state_dict: Mapping[str, Any], key: str) -> tuple:
+  """(classes, input width) of a classifier's [C, D] weight `key`; C must agree with the
+  config's `id2label` where it has one."""
+  num_outputs, dim = np.shape(state_dict[key])
+  labels = c.get("id2label") or {}
+  if labels and len(labels) != num_outputs:
+    raise ConversionError(
+      f"{key} has {num_outputs} outputs but the config's id2label has {len(labels)}"
+    )
+  return int(num_outputs), int(dim)
+
+
+def label_fields(num_outputs: int) -> dict:
+  """HF's `id2label` / `label2id` config fields for `num_outputs` unnamed classes."""
+  return dict(
+    id2label={str(i): f"LABEL_{i}" for i in range(num_outputs)},
+    label2id={f"LABEL_{i}": i for i in range(num_outputs)},
+  )
+
+
+def init_task_params(model: Any, inputs: Sequence[Any], seed: int) -> dict:
+  """`init_params` of a fine-tuning model (`FineTuneModel`): shapes for every leaf, and a real
+  value for `mask_emb` (speech), which HF task models lack when no SpecAugment probability is
+  set. No XLA compile, as in `init_shapes_and_head`."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), *inputs))["params"]
+  if "mask_emb" in shapes:
+    mask_key = jax.random.fold_in(jax.random.key(seed), 1)
+    shapes = {**shapes, "mask_emb": np.asarray(model.mask_init(mask_key, (model.dim,)))}
+  return shapes
+
+
+def task_params(
+  given: Mapping[str, Any],
+  table: Mapping[str, Entry],
+  head: Head | None,
+  init_params: Mapping[str, Any] | None,
+) -> dict:
+  """`params_tree` of a base model (`head` None: `final_proj` may come from `init_params`) or a
+  task model (the head's keys converted too; only `mask_emb` may come from `init_params`)."""
+  if head is None:
+    return params_tree(convert(given, table), init_params)
+  converted = convert(given, {**table, **head.keys})
+  return params_tree(converted, init_params, from_init=("mask_emb",))
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -328,7 +413,9 @@ def export_state_dict(
         + [f"missing: {'/'.join(p)}" for p in absent]
       )
     )
-  return {
-    prefix + k: np.ascontiguousarray(e.to_hf(np.asarray(flat[e.path], dtype=np.float32)))
-    for k, e in table.items()
-  }
+
+  def leaf(e: Entry) -> np.ndarray:
+    value = np.asarray(flat[e.path], dtype=np.float32)
+    return value if e.index is None else value[e.index]
+
+  return {prefix + k: np.ascontiguousarray(e.to_hf(leaf(e))) for k, e in table.items()}

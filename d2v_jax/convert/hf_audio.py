@@ -1,4 +1,4 @@
-"""HF transformers `Data2VecAudioModel` -> d2v-jax audio model (spec §1.1 audio, §4 HF names).
+"""HF transformers `Data2VecAudioModel` <-> d2v-jax audio model (spec §1.1 audio, §4 HF names).
 
 Pure numpy; torch is never imported. Inputs are the HF config as a dict (`config.to_dict()` or the
 checkpoint's `config.json`) and the state dict as numpy arrays (e.g.
@@ -10,6 +10,9 @@ checkpoint's `config.json`) and the state dict as numpy arrays (e.g.
 - `params_from_hf`: HF state dict -> our `params` tree. Every key must map and every expected key
   must be present with its exact shape; otherwise one `ConversionError` lists all offending keys.
 - `build_from_hf`: both, plus our model and a complete parameter tree, ready for `model.apply`.
+- `head_from_hf`: the CTC head of a `Data2VecAudioForCTC` (fairseq's `w2v_encoder.proj`).
+- `params_to_hf` / `hf_config_from_params` / `hf_head_config`: the inverse, our `params` -> HF
+  state dict and config.
 
 Parameters without an HF counterpart: our `final_proj` (the data2vec regression head, which HF
 does not have; released fairseq checkpoints store it, but HF conversion drops it), and `mask_emb`
@@ -30,6 +33,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from d2v_jax.convert import common
 from d2v_jax.models import audio, data2vec
@@ -156,12 +160,46 @@ def _hints(unknown: list[str], prefix: str) -> list[str]:
   return []
 
 
+# ----------------------------------------------------------------------------- task heads
+
+CTC_MODEL = "Data2VecAudioForCTC"
+_LM_HEAD = "lm_head.weight"
+
+
+def _head_keys(dim: int, vocab_size: int) -> common.KeyTable:
+  keys = common.KeyTable()
+  keys.add_linear("lm_head", "head/proj", vocab_size, dim)  # fairseq's w2v_encoder.proj
+  return keys
+
+
+def head_from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> common.Head | None:
+  """The CTC head of a `Data2VecAudioForCTC` state dict (None: no head).
+
+  `Data2VecAudioForSequenceClassification` (a projector and a classifier) is refused: our
+  speech classifier is one Linear on the pooled frames.
+  """
+  c = common.config_dict(hf_config)
+  if any(k.startswith(("projector.", "classifier.")) for k in state_dict):
+    raise ConversionError(
+      "Data2VecAudioForSequenceClassification heads (projector + classifier) are not supported: "
+      "our speech classifier (configs/audio_cls.py) is a single Linear on the mean-pooled frames"
+    )
+  if _LM_HEAD not in state_dict:
+    return None
+  vocab_size, dim = np.shape(state_dict[_LM_HEAD])
+  if vocab_size != c.get("vocab_size", vocab_size):
+    raise ConversionError(f"{_LM_HEAD} has {vocab_size} rows but vocab_size is {c['vocab_size']}")
+  config = dict(task="ctc", num_outputs=int(vocab_size), dropout=float(c.get("final_dropout", 0.0)))
+  return common.Head(CTC_MODEL, config, _head_keys(int(dim), int(vocab_size)))
+
+
 def params_from_hf(
   state_dict: Mapping[str, Any],
   hf_config: Mapping[str, Any],
   *,
   init_params: Mapping[str, Any] | None = None,
   prefix: str = "",
+  head: common.Head | None = None,
 ) -> dict:
   """HF `Data2VecAudioModel` state dict -> our `params` tree (the `params` collection).
 
@@ -175,6 +213,8 @@ def params_from_hf(
       only what HF provides.
     prefix: prefix of the base-model keys, e.g. `TASK_MODEL_PREFIX` for a `Data2VecAudioForCTC`
       state dict. Keys outside it (task heads) are reported as unknown, not dropped.
+    head: `head_from_hf` of a CTC state dict: its `lm_head` is converted too (our
+      `FineTuneModel`'s `head`), and `init_params` are that model's.
 
   Returns:
     A nested dict of float32 numpy arrays.
@@ -192,8 +232,9 @@ def params_from_hf(
     prefix=prefix,
     optional=() if _has_mask_embedding(c) else ("masked_spec_embed",),
     hints=_hints,
+    head_shapes=head.keys.shapes() if head else None,
   )
-  return common.params_tree(common.convert(given, expected), init_params)
+  return common.task_params(given, expected, head, init_params)
 
 
 def build_from_hf(
@@ -213,3 +254,79 @@ def build_from_hf(
   init_params = common.init_shapes_and_head(model, audio_in, seed)
   params = params_from_hf(state_dict, hf_config, init_params=init_params, prefix=prefix)
   return model, model_cfg, params
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_config_from_params(params: Mapping[str, Any]) -> dict:
+  """The `Data2VecAudioConfig` fields (as a dict) of an HF model that holds our `params`.
+
+  Sizes are read off the parameter shapes (the positional conv's kernel [k, D/groups, D] gives
+  its width and groups). Dropouts are 0 (set them for fine-tuning); `mask_time_prob` is 0.05
+  where there is a mask embedding (HF keeps `masked_spec_embed` only then), else 0.
+  """
+  frontend, encoder = params["frontend"], params["encoder"]
+  layer = encoder["blocks"]["layer_00"]
+  dim, heads, _ = np.shape(layer["attention"]["query"]["kernel"])
+  conv_dim = np.shape(frontend["projection"]["kernel"])[0]
+  pos_kernel, group_width, _ = np.shape(encoder["pos_conv"]["conv_0"]["kernel"])
+  return dict(
+    model_type="data2vec-audio",
+    hidden_size=int(dim),
+    num_hidden_layers=len(encoder["blocks"]),
+    num_attention_heads=int(heads),
+    intermediate_size=int(np.shape(layer["fc1"]["kernel"])[1]),
+    hidden_act="gelu",
+    feat_extract_activation="gelu",
+    conv_dim=[int(conv_dim)] * len(audio.CONV_KERNELS),
+    conv_kernel=list(audio.CONV_KERNELS),
+    conv_stride=list(audio.CONV_STRIDES),
+    conv_bias=False,
+    num_conv_pos_embeddings=len(encoder["pos_conv"]),
+    conv_pos_kernel_size=int(pos_kernel),
+    num_conv_pos_embedding_groups=int(dim // group_width),
+    layer_norm_eps=1e-5,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    final_dropout=0.0,
+    layerdrop=0.0,
+    mask_time_prob=0.05 if "mask_emb" in params else 0.0,
+    mask_feature_prob=0.0,
+    add_adapter=False,
+    do_stable_layer_norm=False,
+  )
+
+
+def hf_head_config(head_cfg: Mapping[str, Any]) -> dict:
+  """The HF config fields of a `Data2VecAudioForCTC` with our `config.head`."""
+  return dict(
+    architectures=[CTC_MODEL],
+    vocab_size=int(head_cfg["num_outputs"]),
+    final_dropout=float(head_cfg.get("dropout", 0.0)),
+    pad_token_id=0,  # the CTC blank: our LetterVocabulary's index 0, as fairseq's
+  )
+
+
+def params_to_hf(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
+  """Our audio `params` -> an HF `Data2VecAudioModel` (or, with a CTC `head`, `...ForCTC`) state
+  dict (float32 numpy arrays), for the config `hf_config_from_params(params)`.
+
+  `final_proj` has no HF counterpart and is dropped. `prefix` (`TASK_MODEL_PREFIX` for a task
+  model) is prepended to every base-model key.
+
+  Raises:
+    ConversionError: if `params` has leaves this mapping does not cover (other than
+      `final_proj`), or lacks some it needs.
+  """
+  c = hf_config_from_params(params)
+  expected = _expected_keys(c)
+  if "mask_emb" not in params:
+    del expected["masked_spec_embed"]
+  expected = expected.prefixed(prefix)
+  if "head" in params:
+    dim, vocab_size = np.shape(params["head"]["proj"]["kernel"])
+    expected.update(_head_keys(int(dim), int(vocab_size)))
+  return common.export_state_dict(params, expected, model_name="Data2VecAudio")

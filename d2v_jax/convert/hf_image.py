@@ -62,7 +62,13 @@ TASK_MODEL_PREFIX = "data2vec_vision."
 ORIGINAL_LAYER_NORM_EPS = 1e-6
 
 # Buffers of older HF checkpoints: not parameters, checked against our index instead.
+_TABLE_KEY = "encoder.relative_position_bias.relative_position_bias_table"
 _INDEX_KEY = "encoder.relative_position_bias.relative_position_index"
+
+
+def _layer_table_key(i: int, name: str = "relative_position_bias_table") -> str:
+  """A per-block relative position key of HF's fine-tuned layout (`name`: the table or index)."""
+  return f"encoder.layer.{i}.attention.attention.relative_position_bias.{name}"
 
 
 def _side(value) -> int | None:
@@ -73,8 +79,11 @@ def _side(value) -> int | None:
   return int(value[0]) if len(value) == 2 and value[0] == value[1] else None
 
 
-def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """HF `Data2VecVisionConfig` (as a dict) -> our `config.model` for `build_model`.
+def config_from_hf(
+  hf_config: Mapping[str, Any], *, classifier: bool = False
+) -> ml_collections.ConfigDict:
+  """HF `Data2VecVisionConfig` (as a dict) -> our `config.model` for `build_model` (or, with
+  `classifier`, for `build_finetune_model` under an image classification head).
 
   Raises:
     ConversionError: if the HF config uses an option our model does not implement.
@@ -99,23 +108,26 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     not c.get("use_absolute_position_embeddings", False),
     "use_absolute_position_embeddings=True (our encoder has no absolute position embedding)",
   )
+  per_layer = c.get("use_relative_position_bias", False)
   require(
-    not c.get("use_relative_position_bias", False),
-    "use_relative_position_bias=True: per-layer relative position bias tables (the fine-tuned "
-    "checkpoints) are not supported; our ImageEncoder has one table shared by all blocks "
-    "(use_shared_relative_position_bias=True)",
+    per_layer != c.get("use_shared_relative_position_bias", False),
+    "exactly one of use_shared_relative_position_bias (one table for all blocks: pretrained "
+    "checkpoints) and use_relative_position_bias (one per block: fine-tuned ones) must be set",
   )
-  require(
-    c.get("use_shared_relative_position_bias", False),
-    "use_shared_relative_position_bias=False: our ImageEncoder always adds one shared relative "
-    "position bias table",
-  )
-  require(
-    not c.get("use_mean_pooling", True),
-    "use_mean_pooling=True: HF then applies no final LayerNorm to the sequence (it normalises the "
-    "patch mean in the pooler instead); our encoder always ends with final_norm on every position "
-    "(the pretraining layout, use_mean_pooling=False)",
-  )
+  if classifier:
+    require(
+      c.get("use_mean_pooling", True),
+      "use_mean_pooling=False: a classifier on the CLS token; ours (BEiT's) classifies the "
+      "LayerNorm'd mean of the patches",
+    )
+  else:
+    require(
+      not c.get("use_mean_pooling", True),
+      "use_mean_pooling=True: HF then applies no final LayerNorm to the sequence (it normalises "
+      "the patch mean in the pooler instead); our encoder ends with final_norm on every position "
+      "(the pretraining layout, use_mean_pooling=False). A fine-tuned classifier converts with its "
+      "head (Data2VecVisionForImageClassification)",
+    )
   dim, heads = c["hidden_size"], c["num_attention_heads"]
   require(dim % heads == 0, f"hidden_size {dim} not divisible by num_attention_heads {heads}")
   layer_scale = float(c.get("layer_scale_init_value", 0.1))
@@ -140,6 +152,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       # HF creates lambda_1/lambda_2 only if this is > 0, and so do we (`Block.layer_scale_init`).
       layer_scale_init=layer_scale,
       layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
+      relative_bias="per_layer" if per_layer else "shared",
       dtype="float32",
     )
   )
@@ -166,14 +179,15 @@ def _expected_keys(c: dict) -> common.KeyTable:
   keys.add(
     "embeddings.patch_embeddings.projection.bias", "frontend/patch_embed/projection/bias", (dim,)
   )
-  keys.add(
-    "encoder.relative_position_bias.relative_position_bias_table",
-    "encoder/rel_pos_bias/table",
-    (image.num_relative_positions((side, side)), heads),
-  )
+  table_shape = (image.num_relative_positions((side, side)), heads)
+  per_layer = c.get("use_relative_position_bias", False)
+  if not per_layer:
+    keys.add(_TABLE_KEY, "encoder/rel_pos_bias/table", table_shape)
 
   for i in range(c["num_hidden_layers"]):
     hf, ours = f"encoder.layer.{i}", f"encoder/blocks/layer_{i:02d}"
+    if per_layer:  # block i's own table: slice i of ours
+      keys.add(_layer_table_key(i), "encoder/rel_pos_bias/table", table_shape, index=i)
     if c.get("layer_scale_init_value", 0.1) > 0:
       keys.add(f"{hf}.lambda_1", f"{ours}/attention_scale", (dim,))
       keys.add(f"{hf}.lambda_2", f"{ours}/ffn_scale", (dim,))
@@ -186,7 +200,8 @@ def _expected_keys(c: dict) -> common.KeyTable:
     keys.add_linear(f"{hf}.intermediate.dense", f"{ours}/fc1", mlp, dim)
     keys.add_linear(f"{hf}.output.dense", f"{ours}/fc2", dim, mlp)
 
-  keys.add_norm("layernorm", "encoder/final_norm", dim)
+  if not c.get("use_mean_pooling", True):
+    keys.add_norm("layernorm", "encoder/final_norm", dim)
   return keys
 
 
@@ -199,19 +214,56 @@ def _hints(unknown: list[str], prefix: str) -> list[str]:
 
   if any_key("attention.attention.relative_position_bias."):
     hints.append(
-      "hint: per-layer relative position bias tables (fine-tuned checkpoints, "
-      "use_relative_position_bias=True) are not supported; our ImageEncoder has one table shared "
-      "by all blocks"
+      "hint: per-layer relative position bias tables (fine-tuned checkpoints) need "
+      "use_relative_position_bias=True and use_shared_relative_position_bias=False in the config"
     )
   if any_key("position_embeddings"):
     hints.append("hint: absolute position embeddings are not supported")
   if any_key("pooler.layernorm"):
-    hints.append("hint: a pooler LayerNorm means use_mean_pooling=True, which is not supported")
+    hints.append(
+      "hint: a pooler LayerNorm (use_mean_pooling=True) belongs to an image classifier: convert "
+      "it with its head (head_from_hf)"
+    )
   if any_key("feature_extractor.", "feature_projection.", "masked_spec_embed", "encoder.layers."):
     hints.append("hint: this looks like a Data2VecAudio state dict (see d2v_jax.convert.hf_audio)")
   if any_key("word_embeddings"):
     hints.append("hint: this looks like a Data2VecText state dict")
   return hints + common.prefix_hints(unknown, prefix, (TASK_MODEL_PREFIX,))
+
+
+# ----------------------------------------------------------------------------- task heads
+
+CLASSIFIER_MODEL = "Data2VecVisionForImageClassification"
+_CLASSIFIER = "classifier.weight"
+_POOLER_NORM = TASK_MODEL_PREFIX + "pooler.layernorm"
+
+
+def _head_keys(dim: int, num_outputs: int) -> common.KeyTable:
+  """BEiT's classifier: the LayerNorm of the patch mean (HF's pooler) -> our `PooledHead`."""
+  keys = common.KeyTable()
+  keys.add_norm(_POOLER_NORM, "head/norm", dim)
+  keys.add_linear("classifier", "head/proj", num_outputs, dim)
+  return keys
+
+
+def head_from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> common.Head | None:
+  """The classification head of a `Data2VecVisionForImageClassification` (None: no head).
+
+  Its base model has no final LayerNorm (`use_mean_pooling`): build it with
+  `config_from_hf(..., classifier=True)`.
+  """
+  if _CLASSIFIER not in state_dict:
+    return None
+  c = common.config_dict(hf_config)
+  num_outputs, dim = common.classifier_shape(c, state_dict, _CLASSIFIER)
+  config = dict(
+    task="classify",
+    num_outputs=num_outputs,
+    dropout=0.0,  # HF's classifier has no dropout
+    layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
+    init_scale=0.001,
+  )
+  return common.Head(CLASSIFIER_MODEL, config, _head_keys(dim, num_outputs))
 
 
 def params_from_hf(
@@ -220,6 +272,7 @@ def params_from_hf(
   *,
   init_params: Mapping[str, Any] | None = None,
   prefix: str = "",
+  head: common.Head | None = None,
 ) -> dict:
   """HF `Data2VecVisionModel` state dict -> our `params` tree (the `params` collection).
 
@@ -234,6 +287,8 @@ def params_from_hf(
     prefix: prefix of the base-model keys, e.g. `TASK_MODEL_PREFIX` for a
       `Data2VecVisionForImageClassification` state dict. Keys outside it (task heads) are reported
       as unknown, not dropped.
+    head: `head_from_hf` of a classifier's state dict: its pooler LayerNorm and classifier are
+      converted too (our `FineTuneModel`'s `head`), and `init_params` are that model's.
 
   Returns:
     A nested dict of float32 numpy arrays.
@@ -243,28 +298,34 @@ def params_from_hf(
       `relative_position_index` that differs from ours).
   """
   c = common.config_dict(hf_config)
-  config_from_hf(c)  # validates the architecture before we trust its sizes
+  config_from_hf(c, classifier=head is not None)  # validates the architecture and sizes
   expected = _expected_keys(c)
   side = _side(c.get("image_size", 224)) // _side(c.get("patch_size", 16))
+  # Older checkpoints store the (constant) index buffers: checked against ours, not converted.
+  index_keys = [_INDEX_KEY] + [
+    _layer_table_key(i, "relative_position_index") for i in range(c["num_hidden_layers"])
+  ]
 
   def check_index(given):
-    if _INDEX_KEY not in given:
-      return []
-    value, ours = given[_INDEX_KEY], image.relative_position_index((side, side))
-    if np.shape(value) != ours.shape or not np.array_equal(np.asarray(value), ours):
-      return [f"{prefix + _INDEX_KEY}: differs from image.relative_position_index({(side, side)})"]
-    return []
+    ours = image.relative_position_index((side, side))
+    return [
+      f"{prefix + k}: differs from image.relative_position_index({(side, side)})"
+      for k in index_keys
+      if k in given
+      and (np.shape(given[k]) != ours.shape or not np.array_equal(np.asarray(given[k]), ours))
+    ]
 
   given = common.check_state_dict(
     state_dict,
     expected.shapes(),
     model_name="Data2VecVision",
     prefix=prefix,
-    unchecked=(_INDEX_KEY,),
+    unchecked=index_keys,
     hints=_hints,
     extra=check_index,
+    head_shapes=head.keys.shapes() if head else None,
   )
-  return common.params_tree(common.convert(given, expected), init_params)
+  return common.task_params(given, expected, head, init_params)
 
 
 def init_shapes_and_head(
@@ -305,14 +366,17 @@ def hf_config_from_params(
 ) -> dict:
   """The `Data2VecVisionConfig` fields (as a dict) of an HF model that holds our `params`.
 
-  Sizes are read off the parameter shapes; the layout is the shared-bias pretraining one. Pass the
-  model's `layer_norm_eps` if it is not 1e-6. Dropouts are 0 (set them for fine-tuning).
+  Sizes are read off the parameter shapes, and so is the layout: one relative position table
+  ([rows, H], pretraining) or one per block ([L, rows, H], fine-tuning); a classification `head`
+  means mean pooling (HF's pooler LayerNorm instead of a final one). Pass the model's
+  `layer_norm_eps` if it is not 1e-6. Dropouts are 0 (set them for fine-tuning).
   """
   blocks = params["encoder"]["blocks"]
   layer = blocks["layer_00"]
   dim, heads, _ = np.shape(layer["attention"]["query"]["kernel"])
   patch, _, channels, _ = np.shape(params["frontend"]["patch_embed"]["projection"]["kernel"])
-  rows = np.shape(params["encoder"]["rel_pos_bias"]["table"])[0]
+  table_shape = np.shape(params["encoder"]["rel_pos_bias"]["table"])
+  per_layer, rows = len(table_shape) == 3, table_shape[-2]
   side = (math.isqrt(rows - 3) + 1) // 2
   if image.num_relative_positions((side, side)) != rows:
     raise ConversionError(f"relative position table of {rows} rows fits no square grid")
@@ -333,26 +397,39 @@ def hf_config_from_params(
     # The value only decides whether lambda_1/lambda_2 exist; the state dict overwrites them.
     layer_scale_init_value=0.1 if "attention_scale" in layer else 0.0,
     use_mask_token="mask_emb" in params,
-    use_shared_relative_position_bias=True,
-    use_relative_position_bias=False,
+    use_shared_relative_position_bias=not per_layer,
+    use_relative_position_bias=per_layer,
     use_absolute_position_embeddings=False,
-    use_mean_pooling=False,
+    use_mean_pooling="head" in params,
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
     drop_path_rate=0.0,
   )
 
 
+def hf_head_config(head_cfg: Mapping[str, Any]) -> dict:
+  """The HF config fields of a `Data2VecVisionForImageClassification` with our `config.head`."""
+  num_outputs = int(head_cfg["num_outputs"])
+  return dict(
+    architectures=[CLASSIFIER_MODEL],
+    **common.label_fields(num_outputs),
+  )
+
+
 def params_to_hf(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
-  """Our image `params` -> an HF `Data2VecVisionModel` state dict (float32 numpy arrays).
+  """Our image `params` -> an HF `Data2VecVisionModel` (or, with a classification `head`,
+  `...ForImageClassification`) state dict (float32 numpy arrays).
 
   The inverse of `params_from_hf` for the config `hf_config_from_params(params)`; `final_proj`
-  has no HF counterpart and is dropped. `prefix` (e.g. `TASK_MODEL_PREFIX`) is prepended to every
-  key.
+  has no HF counterpart and is dropped. `prefix` (`TASK_MODEL_PREFIX` for a task model) is
+  prepended to every base-model key.
 
   Raises:
     ConversionError: if `params` has leaves this mapping does not cover (other than
       `final_proj`), or lacks some it needs.
   """
-  expected = _expected_keys(hf_config_from_params(params))
-  return common.export_state_dict(params, expected, model_name="Data2VecVision", prefix=prefix)
+  expected = _expected_keys(hf_config_from_params(params)).prefixed(prefix)
+  if "head" in params:
+    dim, num_outputs = np.shape(params["head"]["proj"]["kernel"])
+    expected.update(_head_keys(int(dim), int(num_outputs)))
+  return common.export_state_dict(params, expected, model_name="Data2VecVision")

@@ -218,12 +218,46 @@ def _hints(unknown: list[str], prefix: str) -> list[str]:
   return hints + common.prefix_hints(unknown, prefix, (TASK_MODEL_PREFIX, ROBERTA_PREFIX))
 
 
+# ----------------------------------------------------------------------------- task heads
+
+SEQUENCE_CLASSIFIER = "Data2VecTextForSequenceClassification"
+_CLASSIFIER = "classifier.out_proj.weight"
+
+
+def _head_keys(dim: int, num_outputs: int) -> common.KeyTable:
+  """RoBERTa's classification head: `classifier.{dense, out_proj}` -> our `SentenceHead`."""
+  keys = common.KeyTable()
+  keys.add_linear("classifier.dense", "head/dense", dim, dim)
+  keys.add_linear("classifier.out_proj", "head/out", num_outputs, dim)
+  return keys
+
+
+def head_from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any]) -> common.Head | None:
+  """The sequence classification head of a task-model state dict (None: no head).
+
+  One output is a regression (GLUE STS-B), as in HF. The class count is read off the weights and
+  must agree with the config's `id2label` if it has one.
+  """
+  if _CLASSIFIER not in state_dict:
+    return None
+  c = common.config_dict(hf_config)
+  num_outputs, dim = common.classifier_shape(c, state_dict, _CLASSIFIER)
+  dropout = c.get("classifier_dropout")
+  config = dict(
+    task="regress" if num_outputs == 1 else "classify",
+    num_outputs=num_outputs,
+    dropout=float(c.get("hidden_dropout_prob", 0.1) if dropout is None else dropout),
+  )
+  return common.Head(SEQUENCE_CLASSIFIER, config, _head_keys(dim, num_outputs))
+
+
 def params_from_hf(
   state_dict: Mapping[str, Any],
   hf_config: Mapping[str, Any],
   *,
   init_params: Mapping[str, Any] | None = None,
   prefix: str = "",
+  head: common.Head | None = None,
 ) -> dict:
   """HF `Data2VecTextModel` state dict -> our `params` tree (the `params` collection).
 
@@ -237,6 +271,8 @@ def params_from_hf(
     prefix: prefix of the base-model keys, e.g. `TASK_MODEL_PREFIX` for a
       `Data2VecTextForMaskedLM` state dict. Keys outside it (task heads) are reported as unknown,
       not dropped.
+    head: `head_from_hf` of a sequence classification state dict: its head is converted too
+      (our `FineTuneModel`'s `head`), and `init_params` are that model's.
 
   Returns:
     A nested dict of float32 numpy arrays. `frontend/position_embed/embedding` is HF's position
@@ -277,11 +313,12 @@ def params_from_hf(
     optional=optional,
     hints=_hints,
     extra=check_buffers,
+    head_shapes=head.keys.shapes() if head else None,
   )
-  flat = {e.path: e.to_ours(np.asarray(given[k], dtype=np.float32)) for k, e in expected.items()}
-  position_path = expected[POSITION_KEY].path
-  flat[position_path] = flat[position_path] + np.asarray(given[TOKEN_TYPE_KEY], np.float32)[0]
-  return common.params_tree(flat, init_params)  # `final_proj` may come from init_params only
+  # The token type 0 row is folded into the positions (see the module docstring).
+  types = np.asarray(given[TOKEN_TYPE_KEY], np.float32)[0]
+  given = {**given, POSITION_KEY: np.asarray(given[POSITION_KEY], np.float32) + types}
+  return common.task_params(given, expected, head, init_params)
 
 
 def init_shapes_and_head(model: data2vec.Data2Vec, seed: int) -> dict:
@@ -355,6 +392,17 @@ def hf_config_from_params(
   )
 
 
+def hf_head_config(head_cfg: Mapping[str, Any]) -> dict:
+  """The HF config fields of a `Data2VecTextForSequenceClassification` with our `config.head`."""
+  num_outputs = int(head_cfg["num_outputs"])
+  return dict(
+    architectures=[SEQUENCE_CLASSIFIER],
+    **common.label_fields(num_outputs),
+    problem_type="regression" if head_cfg["task"] == "regress" else None,
+    classifier_dropout=float(head_cfg.get("dropout", 0.0)),
+  )
+
+
 def params_to_hf(
   params: Mapping[str, Any], *, pad_id: int = 1, prefix: str = ""
 ) -> dict[str, np.ndarray]:
@@ -369,8 +417,11 @@ def params_to_hf(
     ConversionError: if `params` has leaves this mapping does not cover (other than
       `final_proj`), or lacks some it needs.
   """
-  expected = _expected_keys(hf_config_from_params(params, pad_id=pad_id))
-  state_dict = common.export_state_dict(params, expected, model_name="Data2VecText", prefix=prefix)
-  dim = expected[POSITION_KEY].hf_shape[1]
+  expected = _expected_keys(hf_config_from_params(params, pad_id=pad_id)).prefixed(prefix)
+  if "head" in params:  # a fine-tuned SentenceHead
+    dim, num_outputs = np.shape(params["head"]["out"]["kernel"])
+    expected.update(_head_keys(int(dim), int(num_outputs)))
+  state_dict = common.export_state_dict(params, expected, model_name="Data2VecText")
+  dim = expected[prefix + POSITION_KEY].hf_shape[1]
   state_dict[prefix + TOKEN_TYPE_KEY] = np.zeros((1, dim), np.float32)
   return state_dict

@@ -116,6 +116,9 @@ def build_backbone(
       frontend, encoder, dim, nn.initializers.uniform(1.0), transformer.torch_default_init, 0
     )
   if modality == "image":
+    relative_bias = model_cfg.get("relative_bias", "shared")
+    if relative_bias not in ("shared", "per_layer"):
+      raise ValueError(f"config.model.relative_bias={relative_bias!r}: use 'shared' or 'per_layer'")
     frontend = image.ImageFrontend(dim, sizes["image_size"], sizes["patch_size"], dtype=dtype)
     encoder = image.ImageEncoder(
       grid=image.patch_grid(sizes["image_size"], sizes["patch_size"]),
@@ -126,6 +129,7 @@ def build_backbone(
       layer_scale_init=model_cfg.layer_scale_init,
       layer_norm_eps=model_cfg.layer_norm_eps,
       final_norm=final_norm,
+      per_layer_bias=relative_bias == "per_layer",
       dtype=dtype,
     )
     # BEiT: the mask token and lm_head are N(0, 0.02) like every other Linear.

@@ -3,8 +3,8 @@
 - `PatchEmbed`: a p×p convolution with stride p: [B, H, W, C] -> [B, N, D] patch tokens,
   N = (H/p)·(W/p) in row-major order (the order masks and targets use).
 - `ImageEncoder`: prepend a learned CLS token, then pre-LN blocks with LayerScale and stochastic
-  depth whose attention adds ONE relative position bias shared by every block, then a final
-  LayerNorm. There is no absolute position embedding.
+  depth whose attention adds ONE relative position bias shared by every block (or, for
+  fine-tuning, one per block), then a final LayerNorm. There is no absolute position embedding.
 
 The encoder hides its CLS token from the caller: outputs and per-block sublayer outputs are
 returned for the N patch positions only, aligned with the tokens (and mask) it was given, which is
@@ -44,18 +44,26 @@ def num_relative_positions(grid: tuple[int, int]) -> int:
 
 
 class RelativePositionBias(nn.Module):
-  """The shared bias table -> an additive attention bias [heads, N+1, N+1]."""
+  """The bias table -> an additive attention bias.
+
+  `num_tables=0`: one table [rows, H] shared by every block -> [H, N+1, N+1] (BEiT pretraining,
+  data2vec's released pretrained models). `num_tables=L`: one table per block, [L, rows, H] ->
+  [L, H, N+1, N+1] (BEiT fine-tuning, which starts each block's table from the shared one).
+  """
 
   grid: tuple[int, int]
   num_heads: int
+  num_tables: int = 0
 
   @nn.compact
   def __call__(self):
-    table = self.param(
-      "table", nn.initializers.zeros, (num_relative_positions(self.grid), self.num_heads)
-    )
+    shape = (num_relative_positions(self.grid), self.num_heads)
+    if self.num_tables:
+      shape = (self.num_tables, *shape)
+    table = self.param("table", nn.initializers.zeros, shape)
     index = relative_position_index(self.grid)  # static: a gather with constant indices
-    return jnp.transpose(table[index], (2, 0, 1))  # [H, N+1, N+1]
+    bias = table[..., index, :]  # [(L,) N+1, N+1, H]
+    return jnp.moveaxis(bias, -1, -3)  # [(L,) H, N+1, N+1]
 
 
 class PatchEmbed(nn.Module):
@@ -127,6 +135,7 @@ class ImageEncoder(nn.Module):
   layer_scale_init: float = 0.1
   layer_norm_eps: float = 1e-6
   final_norm: bool = True  # False: BEiT's mean-pooling classifier (it normalises after pooling)
+  per_layer_bias: bool = False  # one relative position table per block (BEiT fine-tuning)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -138,7 +147,9 @@ class ImageEncoder(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, dim)), x], axis=1)
     padding_mask = jnp.pad(padding_mask, ((0, 0), (1, 0)))  # [B, 1+N]: CLS is never padding
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    bias = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
+    bias = RelativePositionBias(
+      self.grid, self.num_heads, self.num_layers if self.per_layer_bias else 0, name="rel_pos_bias"
+    )()
     x, layers = transformer.Encoder(
       self.num_layers,
       self.num_heads,

@@ -176,6 +176,10 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, padding_mask, attention_bias=None, *, train: bool):
+    # attention_bias: [H, T, T] shared by every block, or [L, H, T, T] one per block.
+    per_block = attention_bias is not None and attention_bias.ndim == 4
+    if per_block and attention_bias.shape[0] != self.num_layers:
+      raise ValueError(f"{attention_bias.shape[0]} attention biases for {self.num_layers} blocks")
     layer_results = []
     for i in range(self.num_layers):
       drop_path = self.drop_path_rate * i / max(self.num_layers - 1, 1)
@@ -194,7 +198,7 @@ class Encoder(nn.Module):
         out_init=out_init,
         dtype=self.dtype,
         name=f"layer_{i:02d}",
-      )(x, padding_mask, attention_bias, train=train)
+      )(x, padding_mask, attention_bias[i] if per_block else attention_bias, train=train)
       if train and self.layerdrop > 0:
         keep = jax.random.uniform(self.make_rng("dropout")) >= self.layerdrop
         y = jnp.where(keep, y, x)
