@@ -93,15 +93,16 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator) -> None:
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave({**describe(self.config), "step": int(step)}),
-      ),
-    )
+  def save(self, step: int, state, data_iterator=None) -> None:
+    """Saves `state` (and the data position, if an iterator is given: a converted checkpoint
+    has none) with the config's self-description."""
+    items = {
+      "state": ocp.args.StandardSave(state),
+      "meta": ocp.args.JsonSave({**describe(self.config), "step": int(step)}),
+    }
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -129,8 +130,10 @@ class Checkpointer:
     self.check_compatible(step)
     logging.info("Restoring step %d from %s", step, self.directory)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if data_iterator is not None and (self.directory / str(step) / "data").exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    elif data_iterator is not None:  # a converted checkpoint
+      logging.info("Step %d has no data position: the data starts from the beginning", step)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 

@@ -44,7 +44,7 @@ from d2v_jax.data import image as image_data
 from d2v_jax.data import image_sources, sources, text_sources
 from d2v_jax.data import text as text_data
 from d2v_jax.models import audio as audio_model
-from d2v_jax.models.data2vec import build_model, model_sizes
+from d2v_jax.models.data2vec import build_backbone, model_sizes
 
 RECEPTIVE_FIELD = 400  # samples behind the conv stack's first frame: shorter audio has no frame
 AUDIO_BUCKET_SECONDS = 1  # waveforms are padded to a whole number of seconds
@@ -134,6 +134,20 @@ def _batch_rows(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+class FrozenEncoder(nn.Module):
+  """The front end and encoder of a pretraining or fine-tuning model (their parameters have the
+  same names in both), in eval mode on unmasked inputs: (tokens [B, T, D], token padding [B, T],
+  the encoder's aux with every block's output)."""
+
+  frontend: nn.Module
+  encoder: nn.Module
+
+  def __call__(self, inputs, padding_mask):
+    tokens, token_padding = self.frontend(inputs, padding_mask, train=False)
+    _, aux = self.encoder(tokens, token_padding, train=False)
+    return tokens, token_padding, aux
+
+
 class Extractor:
   """A pretrained encoder, loaded once, with a jitted forward that returns every layer."""
 
@@ -145,7 +159,7 @@ class Extractor:
     dtype: str | None = None,
     compiler_options: dict | None = None,
   ):
-    """Builds the student model of `run`.
+    """Builds the student's front end and encoder of `run` (pretrained or fine-tuned).
 
     Args:
       run: a loaded pretraining checkpoint (`pretrained.load_pretrained`).
@@ -163,7 +177,10 @@ class Extractor:
     self.num_layers = self.sizes["num_layers"]
     self.dim = self.sizes["dim"]
     self.input_cfg = run_input_config(run) if input_cfg is None else input_cfg
-    self.model = build_model(self.modality, model_cfg)
+    # A fine-tuned vision model has no final LayerNorm (its head normalises the pooled patches).
+    final_norm = not (self.modality == "image" and "head" in run.meta)
+    backbone = build_backbone(self.modality, model_cfg, final_norm=final_norm)
+    self.model = FrozenEncoder(backbone.frontend, backbone.encoder)
     self._params = jax.device_put(run.params)
     self._forward = jax.jit(
       self._encode, static_argnames=("layer_ids",), compiler_options=compiler_options
@@ -171,12 +188,7 @@ class Extractor:
     self._tokenizer = None
 
   def _encode(self, params, inputs, padding_mask, layer_ids):
-    variables = {"params": params}
-    model = self.model
-    tokens, token_padding = model.apply(
-      variables, inputs, padding_mask, train=False, method=model.embed
-    )  # [B, T, D], [B, T]
-    _, aux = model.apply(variables, tokens, token_padding, train=False, method=model.encode)
+    tokens, token_padding, aux = self.model.apply({"params": params}, inputs, padding_mask)
     # Speech's encoder input is the first block's input (after the positional conv and LN);
     # the other modalities feed the front end's output to the blocks directly.
     outputs = [aux.get("input", tokens)] + [layer["block"] for layer in aux["layers"]]

@@ -196,3 +196,20 @@ def run_fixture_script(script, args):
     cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600
   )
   assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def assert_export_round_trip(converter, small, fields):
+  """`params_to_hf` inverts `params_from_hf` exactly (float32, every key), the exported config
+  has the HF config's `fields`, converting the export again gives the same params, and the
+  export honours `prefix` and rejects unknown leaves."""
+  sd, hf_config, params = small["state_dict"], small["hf_config"], small["params"]
+  exported = converter.params_to_hf(params)
+  assert set(exported) == set(sd)
+  for k, v in sd.items():
+    assert exported[k].dtype == np.float32, k
+    np.testing.assert_array_equal(exported[k], v, err_msg=k)
+  config = converter.hf_config_from_params(params)
+  assert {k: config[k] for k in fields} == {k: hf_config[k] for k in fields}
+  again = converter.params_from_hf(exported, config, init_params=params)
+  jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(params))
+  assert_export_prefix_and_extra(converter, params)

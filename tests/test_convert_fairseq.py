@@ -366,7 +366,7 @@ def test_audio_pretrained_lands_in_hf_and_our_tree():
   assert (c["hidden_dropout"], c["activation_dropout"], c["layerdrop"]) == (0.1, 0.0, 0.05)
 
   params = hf_audio.params_from_hf(out.state_dict, c)
-  check_lands_in_tree(params, out.state_dict, hf_audio._expected_keys(c))
+  check_lands_in_tree(params, out.state_dict, hf_audio.expected_keys(c))
   # One layout change by hand: q_proj [D, D] -> DenseGeneral [D, H, Dh].
   q = fixture.state["encoder.layers.1.self_attn.q_proj.weight"]
   kernel = params["encoder"]["blocks"]["layer_01"]["attention"]["query"]["kernel"]
@@ -401,7 +401,7 @@ def test_audio_ctc_lands_in_hf_and_our_tree():
   assert out.state_dict["lm_head.weight"].shape == (32, DIM)
 
   params = hf_audio.params_from_hf(base_model_keys(out), c, prefix=out.prefix)
-  check_lands_in_tree(params, out.state_dict, hf_audio._expected_keys(c), out.prefix)
+  check_lands_in_tree(params, out.state_dict, hf_audio.expected_keys(c), out.prefix)
 
 
 def test_audio_mask_embedding_is_dropped_when_the_hf_config_masks_nothing():
@@ -447,7 +447,7 @@ def test_audio_released_shapes(size, dim, layers, mlp, ctc_vocab):
     19,
   )
   assert hf_audio.config_from_hf(c).variant == size
-  released_shapes_match(out, hf_audio._expected_keys(c), model_name="Data2VecAudio")
+  released_shapes_match(out, hf_audio.expected_keys(c), model_name="Data2VecAudio")
   if ctc_vocab is None:
     assert len(out.teacher) == 16 * layers + 2 + 10  # blocks, final LN, 5 pos convs
 
@@ -471,7 +471,7 @@ def test_text_pretrained_lands_in_hf_and_our_tree():
 
   params = hf_text.params_from_hf(out.state_dict, c)
   # The zero token type row folds into the positions without changing them.
-  check_lands_in_tree(params, out.state_dict, hf_text._expected_keys(c))
+  check_lands_in_tree(params, out.state_dict, hf_text.expected_keys(c))
 
 
 def test_text_old_names_and_mlm_head():
@@ -501,7 +501,7 @@ def test_text_classification_head():
     added=("embeddings.token_type_embeddings.weight",),
   )
   params = hf_text.params_from_hf(base_model_keys(out), out.hf_config, prefix=out.prefix)
-  check_lands_in_tree(params, out.state_dict, hf_text._expected_keys(out.hf_config), out.prefix)
+  check_lands_in_tree(params, out.state_dict, hf_text.expected_keys(out.hf_config), out.prefix)
 
 
 def test_text_several_classification_heads_raise():
@@ -516,7 +516,7 @@ def test_text_released_shapes():
   fixture = fairseq_text(vocab=50265, positions=514, dim=768, layers=12, mlp=3072, lazy=True)
   out = fairseq_v1.to_hf(with_ema(fixture, "encoder._ema"))
   assert hf_text.config_from_hf(out.hf_config).variant == "base"
-  released_shapes_match(out, hf_text._expected_keys(out.hf_config), model_name="Data2VecText")
+  released_shapes_match(out, hf_text.expected_keys(out.hf_config), model_name="Data2VecText")
 
 
 # ----------------------------------------------------------------------------- vision
@@ -537,7 +537,7 @@ def test_vision_pretrained_lands_in_hf_and_our_tree():
 
   # hf_image also checks the carried relative_position_index against ours.
   params = hf_image.params_from_hf(out.state_dict, c)
-  check_lands_in_tree(params, out.state_dict, hf_image._expected_keys(c))
+  check_lands_in_tree(params, out.state_dict, hf_image.expected_keys(c))
   qkv = fixture.state["blocks.0.attn.qkv.weight"]
   key = params["encoder"]["blocks"]["layer_00"]["attention"]["key"]
   np.testing.assert_array_equal(key["kernel"], qkv[DIM : 2 * DIM].T.reshape(DIM, HEADS, -1))
@@ -573,7 +573,7 @@ def test_vision_released_shapes(size, dim, layers, heads):
   c = out.hf_config
   assert (c["image_size"], c["num_attention_heads"]) == (224, heads)
   assert hf_image.config_from_hf(c).variant == size
-  released_shapes_match(out, hf_image._expected_keys(c), model_name="Data2VecVision")
+  released_shapes_match(out, hf_image.expected_keys(c), model_name="Data2VecVision")
 
 
 def test_vision_teacher_is_the_model_ema_dict():

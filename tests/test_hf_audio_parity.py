@@ -381,3 +381,10 @@ def test_live_hf_parity(name, tmp_path):
   assert all(leak[k] <= TOL for k in BEFORE_POS_CONV), leak
   model, _, params = hf_audio.build_from_hf(state_dict, hf_config)
   assert_parity(run_ours(model, params, ref), ref)
+
+
+def test_export_round_trip(small):
+  """params_to_hf inverts params_from_hf exactly; `final_proj` has no HF counterpart."""
+  fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+  fields += ("conv_dim", "num_conv_pos_embeddings", "conv_pos_kernel_size")
+  hf_parity.assert_export_round_trip(hf_audio, small, (*fields, "num_conv_pos_embedding_groups"))

@@ -387,19 +387,9 @@ def test_config_accepts_square_pairs(ckpt):
 
 def test_export_round_trip(small):
   """params_to_hf inverts params_from_hf exactly; `final_proj` has no HF counterpart."""
-  sd, hf_config, params = small["state_dict"], small["hf_config"], small["params"]
-  exported = hf_image.params_to_hf(params)
-  assert set(exported) == set(sd)
-  for k, v in sd.items():
-    assert exported[k].dtype == np.float32, k
-    np.testing.assert_array_equal(exported[k], v, err_msg=k)
-  config = hf_image.hf_config_from_params(params)
   fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
   fields += ("image_size", "patch_size", "num_channels", "use_mask_token", "use_mean_pooling")
-  assert {k: config[k] for k in fields} == {k: hf_config[k] for k in fields}
-  again = hf_image.params_from_hf(exported, config, init_params=params)
-  jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(params))
-  hf_parity.assert_export_prefix_and_extra(hf_image, params)
+  hf_parity.assert_export_round_trip(hf_image, small, fields)
 
 
 # ----------------------------------------------------------------------------- live HF models

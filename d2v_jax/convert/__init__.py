@@ -1,13 +1,17 @@
-"""Checkpoint converters from other frameworks to d2v-jax parameter trees (spec §4).
+"""Checkpoint converters: HF transformers and fairseq / BEiT checkpoints <-> d2v-jax (spec §4).
 
-- `hf_audio`: HF transformers `Data2VecAudioModel` (state dict + config dict) -> our audio model.
-- `hf_image`: HF transformers `Data2VecVisionModel` (state dict + config dict) <-> our image model.
-- `hf_text`: HF transformers `Data2VecTextModel` / `RobertaModel` (state dict + config dict) <->
-  our text model.
-- `common`: what the three share: `ConversionError` (one class for every converter), the HF key
-  table (`KeyTable`), the state-dict check and its error report, completing a converted tree from
-  `init_params`, and the export.
+- `hf_audio`, `hf_image`, `hf_text`: one HF architecture each (`Data2Vec*Model`, and the task
+  heads we implement: CTC, image classification, text sequence classification), both ways.
+- `hf`: the front door for HF checkpoints of any modality: picks the converter and builds our
+  pretraining or fine-tuning model.
+- `fairseq_v1`: released data2vec 1.0 fairseq (speech, text) and BEiT (vision) state dicts renamed
+  to HF names, with the EMA teacher, so that the HF converters do the rest.
+- `files`: reading HF directories (safetensors without torch) and PyTorch pickles (only with
+  `weights_only=True`); writing HF directories.
+- `workdir`: a converted checkpoint as a d2v-jax work directory, and a run back to HF;
+  `python -m d2v_jax.convert import|export` (`__main__`).
+- `common`: what the converters share: `ConversionError`, the key tables, the state-dict check
+  that lists every offending key, and the export.
 
-Converters are pure numpy: torch is never imported, so they run wherever d2v-jax does. Loading a
-checkpoint into numpy arrays (e.g. with `safetensors.numpy.load_file`) is the caller's job.
+The converters themselves are pure numpy: torch is imported only to read a `.pt`/`.bin` file.
 """

@@ -169,14 +169,17 @@ class Requirements:
 
 
 def variant_for(modality: str, sizes: Mapping[str, Any]) -> str:
-  """The variant whose sizes are `sizes`, else "base".
+  """The variant whose transformer (layers, width, heads, FFN) is `sizes`', else "base".
 
-  The explicit sizes override the variant's in `build_model`; the variant is only a label, so
-  name the one that matches if any.
+  The explicit sizes override the variant's in `build_model`; the variant is a label and picks
+  the training recipe of a run built on the checkpoint, so a front end of another size (a text
+  vocabulary, an image resolution) keeps the transformer's variant.
   """
-  return next(
-    (v for v in ("tiny", "base", "large") if variants.decode_variant(modality, v) == sizes), "base"
-  )
+  for variant in ("tiny", "base", "large"):
+    known = variants.decode_variant(modality, variant)
+    if all(sizes.get(k) == known[k] for k in ("num_layers", "dim", "num_heads", "mlp_dim")):
+      return variant
+  return "base"
 
 
 # ----------------------------------------------------------------------------- import

@@ -111,7 +111,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   )
 
 
-def _expected_keys(c: dict) -> common.KeyTable:
+def expected_keys(c: dict) -> common.KeyTable:
   """Every HF key of a Data2VecAudioModel with `c`, its expected shape and its conversions."""
   dim, heads, mlp = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
   conv_dim = c["conv_dim"][0]
@@ -224,7 +224,7 @@ def params_from_hf(
   """
   c = common.config_dict(hf_config)
   config_from_hf(c)  # validates the architecture before we trust its sizes
-  expected = _expected_keys(c)
+  expected = expected_keys(c)
   given = common.check_state_dict(
     state_dict,
     expected.shapes(),
@@ -322,7 +322,7 @@ def params_to_hf(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np
       `final_proj`), or lacks some it needs.
   """
   c = hf_config_from_params(params)
-  expected = _expected_keys(c)
+  expected = expected_keys(c)
   if "mask_emb" not in params:
     del expected["masked_spec_embed"]
   expected = expected.prefixed(prefix)

@@ -158,7 +158,7 @@ def config_from_hf(
   )
 
 
-def _expected_keys(c: dict) -> common.KeyTable:
+def expected_keys(c: dict) -> common.KeyTable:
   """Every HF key of a Data2VecVisionModel with `c`, its expected shape and its conversions."""
   dim, heads, mlp = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
   patch, channels = _side(c.get("patch_size", 16)), c.get("num_channels", 3)
@@ -299,7 +299,7 @@ def params_from_hf(
   """
   c = common.config_dict(hf_config)
   config_from_hf(c, classifier=head is not None)  # validates the architecture and sizes
-  expected = _expected_keys(c)
+  expected = expected_keys(c)
   side = _side(c.get("image_size", 224)) // _side(c.get("patch_size", 16))
   # Older checkpoints store the (constant) index buffers: checked against ours, not converted.
   index_keys = [_INDEX_KEY] + [
@@ -428,7 +428,7 @@ def params_to_hf(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np
     ConversionError: if `params` has leaves this mapping does not cover (other than
       `final_proj`), or lacks some it needs.
   """
-  expected = _expected_keys(hf_config_from_params(params)).prefixed(prefix)
+  expected = expected_keys(hf_config_from_params(params)).prefixed(prefix)
   if "head" in params:
     dim, num_outputs = np.shape(params["head"]["proj"]["kernel"])
     expected.update(_head_keys(int(dim), int(num_outputs)))

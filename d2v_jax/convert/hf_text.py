@@ -150,7 +150,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return model_cfg
 
 
-def _expected_keys(c: dict) -> common.KeyTable:
+def expected_keys(c: dict) -> common.KeyTable:
   """Every converted HF key of a Data2VecTextModel with `c`, its expected shape and conversions.
 
   The position table is listed as is; `params_from_hf` folds the token type row into it.
@@ -176,7 +176,7 @@ def _expected_keys(c: dict) -> common.KeyTable:
 
 
 def _other_keys(c: dict) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-  """HF keys besides `_expected_keys`: {name: shape}, and which of them may be absent."""
+  """HF keys besides `expected_keys`: {name: shape}, and which of them may be absent."""
   dim = c["hidden_size"]
   shapes = {
     TOKEN_TYPE_KEY: (c.get("type_vocab_size", 2), dim),  # required; folded into the positions
@@ -284,7 +284,7 @@ def params_from_hf(
   """
   c = common.config_dict(hf_config)
   config_from_hf(c)  # validates the architecture before we trust its sizes
-  expected = _expected_keys(c)
+  expected = expected_keys(c)
   other_shapes, optional = _other_keys(c)
   shapes = {**expected.shapes(), **other_shapes}
 
@@ -417,7 +417,7 @@ def params_to_hf(
     ConversionError: if `params` has leaves this mapping does not cover (other than
       `final_proj`), or lacks some it needs.
   """
-  expected = _expected_keys(hf_config_from_params(params, pad_id=pad_id)).prefixed(prefix)
+  expected = expected_keys(hf_config_from_params(params, pad_id=pad_id)).prefixed(prefix)
   if "head" in params:  # a fine-tuned SentenceHead
     dim, num_outputs = np.shape(params["head"]["out"]["kernel"])
     expected.update(_head_keys(int(dim), int(num_outputs)))

@@ -1,0 +1,264 @@
+"""Converted checkpoints as d2v-jax work directories, and work directories back to HF (issue 6).
+
+`import_checkpoint(src, out_dir)` reads an HF model directory or a fairseq / BEiT `.pt` file and
+writes a work directory that every entry point reads:
+  out_dir/checkpoints/0/   the train state (orbax) and its self-description, as a run writes them
+  out_dir/config.json      the run's full config: the modality's pretraining config, or the
+                           task's fine-tuning config, at the checkpoint's sizes
+  out_dir/conversion.json  the source, the dropped keys (with reasons), where the teacher came from
+  out_dir/tokenizer/       text: vocab.json + merges.txt (+ dict.txt) if the source has them
+  out_dir/dict.ltr.txt     CTC: the letters of the head's outputs, if the source has them
+so that `python -m d2v_jax.extract out_dir ...`, fine-tuning with
+`--config.init.pretrained=out_dir` and resumed pretraining (`configs/workdir.py:out_dir`) work as
+on our own runs. The state has a fresh optimiser at step 0 and no data position; a pretraining
+state's EMA teacher is the checkpoint's (fairseq `_ema`, BEiT `model_ema`) where it has one, else
+a copy of the student (HF checkpoints carry no teacher).
+
+`export_checkpoint(workdir, out_dir)` writes a run's newest student (pretrained encoder, or a
+fine-tuned model with its head) as `config.json` + `model.safetensors` for
+`Data2Vec*Model.from_pretrained(out_dir)` (or the task model's class).
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from d2v_jax import checkpoint, ctc, optim, pretrained, teacher
+from d2v_jax import state as state_lib
+from d2v_jax.convert import common, fairseq_v1, files, hf
+from d2v_jax.data import tokenizer as tokenizer_lib
+from d2v_jax.models import data2vec
+
+# Fine-tuning config per (modality, head task): the module in configs/ and its argument.
+_FINETUNE_CONFIGS = {
+  ("audio", "ctc"): ("audio_ctc", ""),
+  ("image", "classify"): ("image_cls", ""),
+  ("text", "classify"): ("text_cls", ""),
+  ("text", "regress"): ("text_cls", "task=stsb"),
+}
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "dict.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A checkpoint read from disk, in HF names: what `hf.from_hf` converts."""
+
+  state_dict: dict
+  hf_config: dict
+  teacher: dict | None  # HF base-model names; None: no EMA teacher in the checkpoint
+  dropped: tuple[str, ...]  # keys of the original file not carried over, with reasons
+  kind: str  # "hf" | "fairseq"
+
+
+def read_source(src: str | pathlib.Path) -> Source:
+  """An HF model directory, or a fairseq / BEiT PyTorch file (renamed to HF names)."""
+  src = pathlib.Path(src).expanduser()
+  if not src.exists():
+    raise FileNotFoundError(f"{src} does not exist")
+  if src.is_dir():
+    state_dict, hf_config = files.load_hf_dir(src)
+    return Source(state_dict, hf_config, None, (), "hf")
+  ckpt = files.load_torch_file(src)
+  model_dict, cfg, ema = _fairseq_parts(ckpt, src)
+  named = fairseq_v1.to_hf(model_dict, cfg)
+  teacher_dict = named.teacher
+  if ema is not None:  # BEiT keeps its EMA as a whole second model
+    teacher_dict = fairseq_v1.to_hf(ema, cfg).state_dict
+  return Source(named.state_dict, named.hf_config, teacher_dict, named.dropped, "fairseq")
+
+
+def _fairseq_parts(ckpt: dict, src: pathlib.Path):
+  """(model state dict, model config dict or None, BEiT EMA state dict or None) of a `.pt`."""
+  for key in ("model", "module"):  # fairseq and BEiT pretraining; BEiT (DeepSpeed) fine-tuning
+    if isinstance(ckpt.get(key), dict):
+      cfg = ckpt.get("cfg")
+      cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else ckpt.get("args")
+      ema = ckpt.get("model_ema") if isinstance(ckpt.get("model_ema"), dict) else None
+      return ckpt[key], cfg if isinstance(cfg, dict) else None, ema
+  raise common.ConversionError(
+    f"{src}: expected a fairseq or BEiT checkpoint (a dict with 'model' or 'module'); its keys "
+    f"are {sorted(ckpt)[:10]}"
+  )
+
+
+def run_config(imported: hf.Imported) -> ml_collections.ConfigDict:
+  """The full config of a run with the imported model: pretraining, or the head's fine-tuning."""
+  import importlib
+
+  if imported.head_cfg is None:
+    name, arg = imported.modality, ""
+  else:
+    key = (imported.modality, imported.head_cfg.task)
+    name, arg = _FINETUNE_CONFIGS[key]
+  module = importlib.import_module(f"configs.{name}")
+  variant = imported.model_cfg.variant
+  try:
+    config = module.get_config(",".join(filter(None, (f"variant={variant}", arg))))
+  except ValueError:  # e.g. no text-large recipe: the base recipe, at the checkpoint's sizes
+    config = module.get_config(",".join(filter(None, ("variant=base", arg))))
+  config.model.update(imported.model_cfg.to_dict())
+  if imported.head_cfg is not None:
+    config.head.update(imported.head_cfg.to_dict())
+  num_layers = data2vec.model_sizes(config.modality, config.model)["num_layers"]
+  if (
+    "targets" in config and config.targets.top_k > num_layers
+  ):  # a shallower model than the recipe's
+    logging.info("targets.top_k %d -> %d (the model's blocks)", config.targets.top_k, num_layers)
+    config.targets.top_k = num_layers
+  return config
+
+
+def _teacher(config, student: dict, source_teacher: dict | None, hf_config: dict) -> tuple:
+  """(the EMA teacher tree, where it came from): the checkpoint's EMA over a student copy."""
+  names = tuple(config.ema.teacher_params)
+  tree = teacher.init_teacher(student, names)
+  if not source_teacher:
+    return tree, "a copy of the student (the checkpoint has no EMA teacher)"
+  converter = hf.MODALITY_CONVERTERS[config.modality]
+  table = converter.expected_keys(common.config_dict(hf_config))
+  unknown = sorted(k for k in source_teacher if k not in table)
+  if unknown:
+    raise common.ConversionError("EMA teacher keys with no counterpart: " + ", ".join(unknown))
+  flat = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  converted = common.convert(source_teacher, table)
+  paths = {tuple(k.key for k in path): path for path in flat}
+  outside = sorted("/".join(p) for p in converted if p not in paths)
+  if outside:
+    raise common.ConversionError("EMA teacher leaves outside our teacher: " + ", ".join(outside))
+  filled = {paths[p]: np.asarray(v) for p, v in converted.items()}
+  leaves = [filled.get(path, value) for path, value in flat.items()]
+  tree = jax.tree_util.tree_unflatten(jax.tree.structure(tree), leaves)
+  return tree, f"the checkpoint's EMA ({len(filled)} of {len(flat)} leaves; the rest copied)"
+
+
+def _state(config, imported: hf.Imported, source: Source) -> tuple:
+  """(train state at step 0 with a fresh optimiser, where the teacher came from)."""
+  num_layers = data2vec.model_sizes(config.modality, config.model)["num_layers"]
+  params = jax.tree.map(np.asarray, imported.params)
+  if config.mode == "finetune":
+    tx, _ = optim.make_optimizer(config.optim, config.loop.total_steps, num_layers=num_layers)
+    ema_tree, origin = None, "none (a fine-tuned model)"
+  else:
+    tx, _ = optim.make_optimizer(config.optim, config.loop.total_steps)
+    ema_tree, origin = _teacher(config, params, source.teacher, source.hf_config)
+  state = state_lib.TrainState(
+    step=np.zeros((), np.int32), params=params, teacher=ema_tree, opt_state=tx.init(params)
+  )
+  return state, origin
+
+
+def _copy_side_files(src: pathlib.Path, out_dir: pathlib.Path, config, imported) -> list[str]:
+  """Tokenizer files (text) and CTC letters next to the checkpoint; returns what was written."""
+  written = []
+  if imported.modality == "text" and src.is_dir() and (src / "vocab.json").exists():
+    target = out_dir / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+      if (src / name).exists():
+        shutil.copy(src / name, target / name)
+        written.append(f"tokenizer/{name}")
+    config.input.tokenizer = str(target.resolve())
+  if imported.head_cfg is not None and imported.head_cfg.task == "ctc":
+    vocab = src / "vocab.json" if src.is_dir() else None
+    if vocab is not None and vocab.exists():
+      letters = ctc_letters_from_hf_vocab(json.loads(vocab.read_text()), imported.head_cfg)
+      letters.save(out_dir / "dict.ltr.txt")
+      written.append("dict.ltr.txt")
+  return written
+
+
+def ctc_letters_from_hf_vocab(vocab: dict[str, int], head_cfg) -> ctc.LetterVocabulary:
+  """Our CTC vocabulary for an HF CTC tokenizer's `vocab.json`: id 0 is the blank (HF's pad),
+  and every other id, specials included, is a symbol in id order."""
+  by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+  if [i for _, i in by_id] != list(range(head_cfg.num_outputs)):
+    raise common.ConversionError(
+      f"vocab.json's ids are not 0..{head_cfg.num_outputs - 1} (the CTC head's outputs)"
+    )
+  return ctc.LetterVocabulary([token for token, _ in by_id[1:]])
+
+
+def import_checkpoint(src, out_dir, *, seed: int = 0) -> dict:
+  """Converts `src` into the work directory `out_dir` (which must not hold checkpoints yet).
+
+  Returns the conversion report written to `conversion.json`.
+  """
+  src, out_dir = pathlib.Path(src).expanduser(), pathlib.Path(out_dir).expanduser()
+  if (out_dir / "checkpoints").exists() and any((out_dir / "checkpoints").iterdir()):
+    raise FileExistsError(
+      f"{out_dir} already holds checkpoints; choose an empty directory (nothing was written)"
+    )
+  source = read_source(src)
+  imported = hf.from_hf(source.state_dict, source.hf_config, seed=seed)
+  config = run_config(imported)
+  state, teacher_origin = _state(config, imported, source)
+  written = _copy_side_files(src, out_dir, config, imported)
+  ckpt = checkpoint.Checkpointer(out_dir, config, keep=config.loop.keep_checkpoints)
+  ckpt.save(0, state)
+  ckpt.wait()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  report = {
+    "source": str(src.resolve()),
+    "source_kind": source.kind,
+    "modality": imported.modality,
+    "mode": config.mode,
+    "head": imported.head_cfg.to_dict() if imported.head_cfg is not None else None,
+    "model": imported.model_cfg.to_dict(),
+    "teacher": teacher_origin,
+    "dropped": [*source.dropped, *imported.dropped],
+    "files": ["checkpoints/0", "config.json", *written],
+  }
+  (out_dir / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+  for line in report["dropped"]:
+    logging.info("dropped %s", line)
+  return report
+
+
+def export_checkpoint(workdir, out_dir) -> dict:
+  """Writes the newest student of `workdir` as an HF model directory; returns its HF config."""
+  run = pretrained.load_pretrained(workdir)
+  meta = run.meta
+  head = meta.get("head")
+  head_cfg = ml_collections.ConfigDict(head) if head else None
+  model_cfg = ml_collections.ConfigDict(meta["model"])
+  state_dict, hf_config = hf.to_hf(run.modality, run.params, model_cfg, head_cfg)
+  out_dir = pathlib.Path(out_dir).expanduser()
+  files.save_hf_dir(out_dir, state_dict, hf_config)
+  _export_side_files(out_dir, run)
+  return hf_config
+
+
+def _export_side_files(out_dir: pathlib.Path, run) -> None:
+  """The run's tokenizer files (text), so the HF directory holds what its tokenizer needs."""
+  config_file = run.directory.parents[1] / "config.json"
+  if run.modality != "text" or not config_file.exists():
+    return
+  tokenizer = json.loads(config_file.read_text()).get("input", {}).get("tokenizer", "")
+  directory = pathlib.Path(tokenizer) if tokenizer else tokenizer_lib.EMBEDDED_TOKENIZER_DIR
+  for name in _TOKENIZER_FILES:
+    if (directory / name).exists():
+      shutil.copy(directory / name, out_dir / name)
+
+
+def describe(report: dict[str, Any], out_dir) -> str:
+  """What was written and the commands that use it."""
+  modality, out = report["modality"], str(out_dir)
+  lines = [f"Wrote {out} ({modality}, {report['mode']}); teacher: {report['teacher']}"]
+  lines.append(f"  dropped {len(report['dropped'])} keys (see {out}/conversion.json)")
+  lines.append(
+    f"  features:  python -m d2v_jax.extract --checkpoint={out} --input=INPUT --output=OUTPUT"
+  )
+  if report["mode"] == "pretrain":
+    lines.append(
+      f"  fine-tune: python main.py --config=configs/<task>.py --config.init.pretrained={out}"
+    )
+  lines.append(f"  continue:  python main.py --config=configs/workdir.py:{out} --workdir={out}")
+  return "\n".join(lines)
