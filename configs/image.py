@@ -5,8 +5,11 @@
         --config.input.source=tfds --config.input.path=imagenet2012 \
         --config.input.tfds_data_dir=/data/tfds
 
+    python main.py --config=configs/image.py:version=2 --workdir=runs/image_v2_tiny
+
 Arguments after the colon: `variant=tiny|base|large` (default tiny: a small ViT on the embedded
-digits, 8×8 scans upsampled to 32² and cut into 4×4 patches). Any field can be overridden with
+digits, 8×8 scans upsampled to 32² and cut into 4×4 patches) and `version=1|2` (data2vec 2.0:
+spec §2, `d2v_jax/models/data2vec2.py`, `d2v_jax/steps_v2.py`). Any field can be overridden with
 `--config.<group>.<field>=value`; unknown fields are an error. `config.model.image_size` is shared
 with `config.input.image_size`: overriding one sets both.
 """
@@ -73,10 +76,121 @@ _RECIPES = {
 _MASKED_PATCHES, _MIN_BLOCK, _REFERENCE_PATCHES = 120, 16, 196
 
 
+# data2vec 2.0 per variant (spec §2.3, image columns): updates, batch, clones M, peak LR,
+# warm-up, EMA (start, end, anneal updates), prenet blocks, top-K main blocks, decoder (dim,
+# kernel, layers).
+_V2_RECIPES = {
+  # CPU run on the embedded digits: 32 images × 8 clones, the teacher's time constant inside the
+  # run as in v1's tiny recipe; an 8×8 grid keeps 12 patches per clone.
+  "tiny": dict(
+    steps=600,
+    batch=32,
+    clones=8,
+    lr=2e-3,
+    warmup=60,
+    ema=(0.998, 0.9995, 600),
+    prenet=0,
+    top_k=4,
+    decoder=(96, 3, 3),
+  ),
+  "base": dict(
+    steps=375_300,
+    batch=256,
+    clones=16,
+    lr=1e-3,
+    warmup=50_040,
+    ema=(0.9998, 0.99999, 100_000),
+    prenet=2,
+    top_k=10,
+    decoder=(768, 3, 6),
+  ),
+  "large": dict(
+    steps=375_300,
+    batch=128,
+    clones=16,
+    lr=4e-4,
+    warmup=50_040,
+    ema=(0.9998, 0.99999, 150_000),
+    prenet=0,
+    top_k=18,
+    decoder=(1024, 5, 3),
+  ),
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant="tiny")
-  recipe = _RECIPES[arg.variant]
-  image_size = ml_collections.FieldReference(32 if arg.variant == "tiny" else 224)
+  arg = common.parse_arg(arg, variant="tiny", version=1)
+  if arg.version not in (1, 2):
+    raise ValueError(f"version={arg.version}: use 1 (data2vec) or 2 (data2vec 2.0)")
+  config = _version1(arg.variant)
+  return config if arg.version == 1 else _version2(config, arg.variant)
+
+
+def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """data2vec 2.0 on the v1 config's data, probe and loop groups (spec §2.1-§2.3)."""
+  recipe = _V2_RECIPES[variant]
+  config.version = 2
+  dim, kernel, layers = recipe["decoder"]
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant=variant,
+      image_size=config.model.get_ref("image_size"),  # shared with config.input
+      patch_size=config.model.patch_size,
+      prenet_depth=recipe["prenet"],  # of the variant's num_layers blocks, the first ones
+      dropout=0.0,
+      attention_dropout=0.0,
+      activation_dropout=0.0,
+      drop_path_rate=0.0,
+      norm_eps=1e-6,
+      mask_noise_std=0.01,  # N(0, σ²) decoder inputs at masked positions
+      decoder=dict(
+        dim=dim, kernel=kernel, groups=16, layers=layers, residual=True, input_dropout=0.0
+      ),
+      dtype="float32",
+    )
+  )
+  # Inverse block masking: 3×3 blocks around ⌊N(0.2 + 0.07)/9⌋ centres are KEPT, then single
+  # patches are added or removed until exactly ⌊0.2 N⌋ are kept (spec §2.2).
+  config.masking = ml_collections.ConfigDict(
+    dict(num_clones=recipe["clones"], block=3, ratio=0.8, adjust=0.07, inverse=True)
+  )
+  config.targets = ml_collections.ConfigDict(
+    dict(top_k=recipe["top_k"], layer_norm="instance", final_norm="layer")
+  )
+  # L2 summed over D, scaled by 1/√D (scale None), plus the CLS loss weighted 0.01.
+  config.loss = ml_collections.ConfigDict(dict(scale=None, cls_weight=0.01))
+  ema_start, ema_end, anneal = recipe["ema"]
+  config.ema = ml_collections.ConfigDict(
+    dict(
+      decay=ema_start,
+      end_decay=ema_end,
+      anneal_steps=anneal,
+      teacher_params=("frontend", "encoder"),  # everything but the decoder (spec §2.3)
+      copy_params=(),
+    )
+  )
+  config.optim.update(
+    dict(
+      lr=recipe["lr"],
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+      no_decay=(),
+      clip_norm=4.0,
+      warmup_steps=recipe["warmup"],
+      end_lr=0.0,
+    )
+  )
+  config.input.batch_size = recipe["batch"]
+  config.input.crop_scale = (0.2, 1.0)  # RandomResizedCrop(0.2-1) + flip (spec §2.3)
+  config.input.color_jitter = 0.0
+  config.loop.total_steps = recipe["steps"]
+  return config
+
+
+def _version1(variant: str) -> ml_collections.ConfigDict:
+  recipe = _RECIPES[variant]
+  image_size = ml_collections.FieldReference(32 if variant == "tiny" else 224)
   config = ml_collections.ConfigDict()
   config.mode = "pretrain"
   config.modality = "image"
@@ -85,9 +199,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(
     dict(
-      variant=arg.variant,
+      variant=variant,
       image_size=image_size,
-      patch_size=4 if arg.variant == "tiny" else 16,
+      patch_size=4 if variant == "tiny" else 16,
       dropout=0.0,
       attention_dropout=recipe["attention_dropout"],
       drop_path_rate=recipe["drop_path"],
@@ -163,7 +277,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.probe = ml_collections.ConfigDict(
     dict(
       enabled=True,
-      every=200 if arg.variant == "tiny" else 5000,
+      every=200 if variant == "tiny" else 5000,
       seeds=(0, 1, 2),
       batch_size=64,
       l2=1e-3,

@@ -143,7 +143,6 @@ def teacher_targets(model, config, teacher_params, inputs, padding, tokens, toke
 
 def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
   """Returns `step(state, batch, loop_key) -> (state, metrics)`, pure and ready for jit."""
-  names = tuple(config.ema.teacher_params)
   loss_scale = None if config.loss.scale < 0 else config.loss.scale
   grid = getattr(model.encoder, "grid", None)
   masks_input_ids = config.modality == "text"
@@ -201,34 +200,43 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       }
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = teacher.ema_decay(
-      state.step,
-      decay=config.ema.decay,
-      end_decay=config.ema.end_decay,
-      anneal_steps=config.ema.anneal_steps,
+    return update_student_and_teacher(
+      state, grads, tx, schedule, config, inputs, padding, {"loss": loss, **aux}
     )
-    new_teacher = teacher.ema_update(
-      state.teacher,
-      params,
-      decay,
-      names=names,
-      copied=teacher.copy_mask(state.teacher, config.ema.copy_params),
-    )
-    metrics = {
-      "loss": loss,
-      "ema_decay": decay,
-      "lr": schedule(state.step),
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),  # after the update: a checkpoint must be finite
-      # Samples (audio), tokens (text) or images actually seen.
-      "valid_inputs": inputs.shape[0] if padding is None else jnp.sum(~padding),
-      **aux,
-    }
-    new_state = state.replace(
-      step=state.step + 1, params=params, teacher=new_teacher, opt_state=opt_state
-    )
-    return new_state, metrics
 
   return step
+
+
+def update_student_and_teacher(
+  state: TrainState, grads, tx, schedule, config, inputs, padding, metrics
+):
+  """The optimiser update of the student, then the EMA of the teacher with τ(step) (spec §0.4);
+  returns (new state, the step's metrics with the update's added)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = teacher.ema_decay(
+    state.step,
+    decay=config.ema.decay,
+    end_decay=config.ema.end_decay,
+    anneal_steps=config.ema.anneal_steps,
+  )
+  new_teacher = teacher.ema_update(
+    state.teacher,
+    params,
+    decay,
+    names=tuple(config.ema.teacher_params),
+    copied=teacher.copy_mask(state.teacher, config.ema.copy_params),
+  )
+  metrics = {
+    **metrics,
+    "ema_decay": decay,
+    "lr": schedule(state.step),
+    "grad_norm": optax.tree.norm(grads),
+    "param_norm": optax.tree.norm(params),  # after the update: a checkpoint must be finite
+    # Samples (audio), tokens (text) or images actually seen.
+    "valid_inputs": inputs.shape[0] if padding is None else jnp.sum(~padding),
+  }
+  new_state = state.replace(
+    step=state.step + 1, params=params, teacher=new_teacher, opt_state=opt_state
+  )
+  return new_state, metrics

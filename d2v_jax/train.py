@@ -15,13 +15,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from d2v_jax import checkpoint, loop, metrics, optim, sharding, steps
+from d2v_jax import checkpoint, loop, metrics, optim, sharding, steps, steps_v2
 from d2v_jax import evaluate as evaluate_lib
 from d2v_jax import state as state_lib
 from d2v_jax.data import audio as audio_data
 from d2v_jax.data import image as image_data
 from d2v_jax.data import text as text_data
-from d2v_jax.models.data2vec import build_model
+from d2v_jax.models import data2vec, data2vec2
+
+# config.version -> (model builder, pretraining step builder): data2vec 1.0 and 2.0 (spec §1, §2).
+_VERSIONS = {
+  1: (data2vec.build_model, steps.make_pretrain_step),
+  2: (data2vec2.build_model, steps_v2.make_pretrain_step),
+}
+
+
+def _version(config):
+  if config.version not in _VERSIONS:
+    raise ValueError(f"config.version={config.version}: use 1 or 2")
+  return _VERSIONS[config.version]
 
 
 def split_seed(seed: int):
@@ -90,7 +102,7 @@ def setup(config: ml_collections.ConfigDict):
   what `jax.eval_shape` turns into a restore target, and the probe's random-init baseline.
   """
   complete_config(config)
-  model = build_model(config.modality, config.model)
+  model = _version(config)[0](config.modality, config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.loop.total_steps)
   init_key, _, _ = split_seed(config.seed)
   make_state = functools.partial(
@@ -133,7 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.probe.enabled:  # the encoder at initialisation is the probe's baseline
     initial_params = jax.jit(make_state, out_shardings=replicated)().params
 
-  train_step = loop.jit_step(steps.make_pretrain_step(model, tx, schedule, config), mesh)
+  make_step = _version(config)[1]
+  train_step = loop.jit_step(make_step(model, tx, schedule, config), mesh)
   probe_sets = evaluate_lib.load_probe_sets(config) if config.probe.enabled else None
 
   def probe(state):

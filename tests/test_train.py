@@ -24,11 +24,16 @@ def tiny_config(total_steps: int = 6, modality: str = "audio"):
   """The smallest run of `modality` that still exercises every part of the loop."""
   if modality == "audio":
     config = audio_config.get_config("variant=tiny")
+  elif modality == "image_v2":  # data2vec 2.0
+    config = image_config.get_config("variant=tiny,version=2")
   else:
     config = image_config.get_config("variant=tiny")
   with config.unlocked():
     config.model.update(num_layers=2, dim=32, num_heads=4, mlp_dim=64)
     config.targets.top_k = 2
+    if modality == "image_v2":
+      config.model.decoder.update(dim=16, layers=2)
+      config.masking.num_clones = 2
     if modality == "audio":
       config.model.conv_dim = 16
       config.input.update(batch_size=8, crop_lengths=(4000, 8000), min_length=4000)
@@ -52,7 +57,7 @@ def restore_params(workdir, config, step):
   return ckpt.restore(step, checkpoint.abstract_state(make_state))
 
 
-@pytest.mark.parametrize("modality", ["audio", "image"])
+@pytest.mark.parametrize("modality", ["audio", "image", "image_v2"])
 def test_resumed_run_matches_uninterrupted(tmp_path, modality):
   config = tiny_config(total_steps=6, modality=modality)
   train.train_and_evaluate(config, tmp_path / "straight")

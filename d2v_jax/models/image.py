@@ -72,6 +72,7 @@ class PatchEmbed(nn.Module):
   dim: int
   patch_size: int
   dtype: jnp.dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = transformer.torch_default_init  # BEiT's: torch's
 
   @nn.compact
   def __call__(self, images):
@@ -82,7 +83,7 @@ class PatchEmbed(nn.Module):
       (p, p),
       strides=(p, p),
       padding="VALID",
-      kernel_init=transformer.torch_default_init,  # BEiT leaves the conv at PyTorch's default
+      kernel_init=self.kernel_init,
       dtype=self.dtype,
       name="projection",
     )(images.astype(self.dtype))
@@ -99,13 +100,39 @@ def patch_grid(image_size: int, patch_size: int) -> tuple[int, int]:
   return image_size // patch_size, image_size // patch_size
 
 
+def sincos_2d(dim: int, grid: int | tuple[int, int]) -> np.ndarray:
+  """MAE's `get_2d_sincos_pos_embed` without a CLS row: float32 [h·w, dim], a constant.
+
+  Patch p = i·w + j (row-major). As in MAE, the first dim/2 channels encode the column j and the
+  last dim/2 the row i (MAE names them the other way round but meshgrids w first); each half is
+  [sin(pos·ω), cos(pos·ω)] with ω_k = 10000^(−k/(dim/4)), k < dim/4. Computed in float64.
+  """
+  if dim % 4:
+    raise ValueError(f"sincos_2d needs a width divisible by 4, got {dim}")
+  h, w = (grid, grid) if isinstance(grid, int) else grid
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))  # [dim/4]
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")  # [h, w] each
+
+  def one_axis(pos):  # [h·w] -> [h·w, dim/2]
+    angle = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+
+  return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+
+
 class ImageFrontend(nn.Module):
-  """Images [B, H, W, C] -> (patch tokens [B, N, D], padding mask [B, N], all False)."""
+  """Images [B, H, W, C] -> (patch tokens [B, N, D], padding mask [B, N], all False).
+
+  data2vec 2.0 (spec §2.3) adds the fixed 2-D sin-cos positions here (`fixed_positions`) and
+  initialises the projection Xavier-uniform (`kernel_init`); v1 (BEiT) has neither.
+  """
 
   dim: int
   image_size: int
   patch_size: int
   dtype: jnp.dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = transformer.torch_default_init
+  fixed_positions: bool = False
 
   @nn.compact
   def __call__(self, images, padding_mask=None, *, train: bool):
@@ -115,7 +142,12 @@ class ImageFrontend(nn.Module):
       raise ValueError(
         f"Expected images [B, {self.image_size}, {self.image_size}, C], got {images.shape}"
       )
-    tokens = PatchEmbed(self.dim, self.patch_size, dtype=self.dtype, name="patch_embed")(images)
+    tokens = PatchEmbed(
+      self.dim, self.patch_size, dtype=self.dtype, kernel_init=self.kernel_init, name="patch_embed"
+    )(images)  # [B, N, D]
+    if self.fixed_positions:  # a constant, not a parameter
+      grid = patch_grid(self.image_size, self.patch_size)
+      tokens = tokens + jnp.asarray(sincos_2d(self.dim, grid), tokens.dtype)
     return tokens, jnp.zeros(tokens.shape[:2], bool)
 
 

@@ -1,0 +1,171 @@
+"""The data2vec 2.0 model (spec §2.1; fairseq `data2vec2.py`, `modalities/base.py`, `images.py`).
+
+One module serves student and teacher, as in v1 (`data2vec.py`):
+  - `embed`: the modality's local encoder -> tokens [B, N, D] with their fixed positions (images:
+    patch embedding + 2-D sin-cos table, a constant);
+  - `encode(tokens, padding, keep_ids)`: the student keeps only the unmasked tokens (gathered by
+    index, a static count K: MAE-style, spec §2.1.1), then the context encoder: the extra (CLS)
+    tokens are prepended after the removal, LayerNorm, the prenet blocks and the main `AltBlock`s.
+    With `keep_ids=None` it encodes every token (the teacher; probes and feature extraction);
+  - `decode(x, mask)`: the light convolutional decoder (spec §2.1.2): the kept tokens' outputs
+    (CLS removed, input dropout) and N(0, σ²) noise vectors at the masked positions, put back in
+    their original order, then the 2-D conv decoder and its projection to D. Predictions for
+    every position; the loss reads the masked ones.
+
+`encode` hides the extra tokens as v1's image encoder does: outputs and per-block sublayer outputs
+are for the (kept) patch positions only; the last CLS output is `aux["cls"]` (the CLS loss reads
+it). `aux["layers"]` lists the prenet blocks first; `num_prenet` says how many, since targets
+come from the main blocks only (spec §2.1.5).
+
+Images only for now; speech (ALiBi, zeroed masked frames before the positional conv) and text
+follow the same contract.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from d2v_jax import masking_v2
+from d2v_jax.models import image, v2_layers
+from d2v_jax.models.data2vec import model_sizes
+
+# BEiT/MAE: the patch projection is Xavier-uniform over the flattened [C·p·p, D] weight.
+_PATCH_INIT = nn.initializers.variance_scaling(
+  1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+)
+
+
+class ContextEncoder(nn.Module):
+  """Extra tokens + LayerNorm + prenet and main `AltBlock`s (fairseq's context encoder and
+  blocks). Returns (x [B, K, D] without the extra tokens, aux)."""
+
+  num_layers: int  # prenet + main
+  num_heads: int
+  mlp_ratio: float
+  num_extra_tokens: int = 1
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  activation_dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  norm_eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, padding_mask, *, train: bool):
+    batch, _, dim = x.shape
+    extra = self.num_extra_tokens
+    if extra:  # fairseq: N(0, 1) (init_extra_token_zero false)
+      tokens = self.param("extra_tokens", nn.initializers.normal(1.0), (extra, dim))
+      x = jnp.concatenate([jnp.broadcast_to(tokens.astype(x.dtype), (batch, extra, dim)), x], 1)
+      padding_mask = jnp.pad(padding_mask, ((0, 0), (extra, 0)))  # [B, E+K]
+    x, layers = v2_layers.AltEncoder(
+      self.num_layers,
+      self.num_heads,
+      self.mlp_ratio,
+      dropout=self.dropout,
+      attention_dropout=self.attention_dropout,
+      activation_dropout=self.activation_dropout,
+      post_mlp_dropout=self.dropout,
+      end_drop_path_rate=self.drop_path_rate,
+      input_norm=True,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      name="blocks",
+    )(x, padding_mask, train=train)
+    layers = [{name: y[:, extra:] for name, y in layer.items()} for layer in layers]
+    cls = x[:, 0] if extra else None
+    return x[:, extra:], {"layers": layers, "cls": cls}
+
+
+class Data2Vec2(nn.Module):
+  """Student (and teacher) of data2vec 2.0. Parameter tree: frontend, encoder, decoder."""
+
+  frontend: nn.Module
+  encoder: ContextEncoder
+  decoder: nn.Module
+  dim: int
+  num_prenet: int = 0
+  mask_noise_std: float = 0.01
+  decoder_input_dropout: float = 0.0
+
+  def setup(self):
+    self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
+
+  def embed(self, inputs, padding_mask, *, train: bool):
+    """Raw input -> (tokens with fixed positions [B, N, D], padding mask [B, N])."""
+    return self.frontend(inputs, padding_mask, train=train)
+
+  def encode(self, tokens, padding_mask, keep_ids=None, *, train: bool):
+    """The context encoder on the tokens at `keep_ids` [B, K] (None: every token)."""
+    if keep_ids is not None:
+      tokens = masking_v2.gather(tokens, keep_ids)  # [B, K, D]
+      padding_mask = masking_v2.gather(padding_mask, keep_ids)
+    return self.encoder(tokens, padding_mask, train=train)
+
+  def decode(self, x, mask: masking_v2.V2Mask, *, train: bool):
+    """Encoder outputs at the kept positions [B, K, D] -> predictions at all N positions."""
+    x = self.decoder_dropout(x, deterministic=not train)
+    masked_shape = (x.shape[0], mask.mask.shape[1] - x.shape[1], x.shape[2])
+    noise = jnp.zeros(masked_shape, x.dtype)
+    if masked_shape[1]:  # static: `init` decodes with nothing masked and needs no noise stream
+      noise = self.mask_noise_std * jax.random.normal(self.make_rng("noise"), masked_shape)
+    full = masking_v2.unshuffle(x, noise.astype(x.dtype), mask.restore_ids)  # [B, N, D]
+    return self.decoder(full)
+
+  def __call__(self, inputs, padding_mask=None, *, train: bool = False):
+    """Every module once (for `init`): the whole input through encoder and decoder."""
+    tokens, token_padding = self.embed(inputs, padding_mask, train=train)
+    x, aux = self.encode(tokens, token_padding, train=train)
+    num = tokens.shape[1]
+    everything = masking_v2.from_mask(jnp.zeros((tokens.shape[0], num), bool), num)
+    return self.decode(x, everything, train=train), aux
+
+
+def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec2:
+  """The data2vec 2.0 model of `modality` from `config.model` (version=2 configs).
+
+  `num_layers` counts every block, prenet (`prenet_depth`) and main.
+  """
+  if modality != "image":
+    raise NotImplementedError(f"data2vec 2.0 is implemented for images so far, not {modality!r}")
+  sizes = model_sizes(modality, model_cfg)
+  dtype = jnp.dtype(model_cfg.dtype)
+  dim = sizes["dim"]
+  grid = image.patch_grid(sizes["image_size"], sizes["patch_size"])
+  d = model_cfg.decoder
+  return Data2Vec2(
+    frontend=image.ImageFrontend(
+      dim,
+      sizes["image_size"],
+      sizes["patch_size"],
+      dtype=dtype,
+      kernel_init=_PATCH_INIT,
+      fixed_positions=True,
+    ),
+    encoder=ContextEncoder(
+      num_layers=sizes["num_layers"],
+      num_heads=sizes["num_heads"],
+      mlp_ratio=sizes["mlp_dim"] / dim,
+      num_extra_tokens=1,
+      dropout=model_cfg.dropout,
+      attention_dropout=model_cfg.attention_dropout,
+      activation_dropout=model_cfg.activation_dropout,
+      drop_path_rate=model_cfg.drop_path_rate,
+      norm_eps=model_cfg.norm_eps,
+      dtype=dtype,
+    ),
+    decoder=v2_layers.Decoder2d(
+      grid=grid,
+      decoder_dim=d.dim,
+      kernel=d.kernel,
+      groups=d.groups,
+      num_layers=d.layers,
+      residual=d.residual,
+      dtype=dtype,
+    ),
+    dim=dim,
+    num_prenet=model_cfg.prenet_depth,
+    mask_noise_std=model_cfg.mask_noise_std,
+    decoder_input_dropout=d.input_dropout,
+  )
