@@ -150,6 +150,16 @@ def scaled_init(scale: float) -> nn.initializers.Initializer:
   return nn.initializers.normal(INIT_STD * scale)
 
 
+def layer_drop(module: nn.Module, y, x, rate: float, *, train: bool):
+  """LayerDrop: the block's output `y`, or in training with probability `rate` its input `x`
+  (one draw per batch from `module`'s dropout stream). Under jit the block is still computed and
+  the skip is a select, which keeps one static graph."""
+  if not train or rate <= 0:
+    return y
+  keep = jax.random.uniform(module.make_rng("dropout")) >= rate
+  return jnp.where(keep, y, x)
+
+
 class Encoder(nn.Module):
   """A stack of blocks; returns the output and every block's sublayer outputs.
 
@@ -199,9 +209,6 @@ class Encoder(nn.Module):
         dtype=self.dtype,
         name=f"layer_{i:02d}",
       )(x, padding_mask, attention_bias[i] if per_block else attention_bias, train=train)
-      if train and self.layerdrop > 0:
-        keep = jax.random.uniform(self.make_rng("dropout")) >= self.layerdrop
-        y = jnp.where(keep, y, x)
-      x = y
+      x = layer_drop(self, y, x, self.layerdrop, train=train)
       layer_results.append(aux)
     return x, layer_results

@@ -207,10 +207,7 @@ class AltEncoder(nn.Module):
         dtype=self.dtype,
         name=f"layer_{i:02d}",
       )(x, padding_mask, bias, train=train)
-      if train and self.layerdrop > 0:
-        keep = jax.random.uniform(self.make_rng("dropout")) >= self.layerdrop
-        y = jnp.where(keep, y, x)
-      x = y
+      x = transformer.layer_drop(self, y, x, self.layerdrop, train=train)
       layer_results.append(aux)
     return x, layer_results
 
