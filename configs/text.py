@@ -5,7 +5,10 @@
         --config.input.source=folder --config.input.path=/data/books_wiki \
         --config.input.tokenizer=/data/roberta_bpe
 
-Arguments after the colon: `variant=tiny|base` (default tiny: a small RoBERTa on the embedded
+    python main.py --config=configs/text.py:version=2 --workdir=runs/text_v2_tiny
+
+Arguments after the colon: `version=1|2` (data2vec 2.0: spec §2, `d2v_jax/models/data2vec2.py`,
+`d2v_jax/steps_v2.py`) and `variant=tiny|base` (default tiny: a small RoBERTa on the embedded
 King James Bible with its committed byte-level BPE). `config.input.tokenizer` is a directory with
 `vocab.json` + `merges.txt` (and fairseq's `dict.txt` for released data2vec checkpoints), or ""
 for the embedded tokenizer; the vocabulary size and `<mask>` id are read from it when the run
@@ -49,11 +52,104 @@ _RECIPES = {
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 
 
+# data2vec 2.0 per variant (spec §2.3, text column): updates, batch (blocks), clones M, peak LR,
+# warm-up, EMA (start, end, anneal updates), top-K, decoder (dim, kernel, layers).
+_V2_RECIPES = {
+  # CPU run on the embedded corpus: v1's tiny blocks and teacher speed, 4 clones.
+  "tiny": dict(
+    steps=800,
+    batch=32,
+    clones=4,
+    lr=1e-3,
+    warmup=80,
+    ema=(0.995, 0.999, 800),
+    top_k=4,
+    decoder=(192, 9, 3),
+  ),
+  "base": dict(
+    steps=1_000_000,
+    batch=64,  # 4 × 512-token blocks per GPU × 16 GPUs (spec §2.3)
+    clones=8,
+    lr=2e-4,
+    warmup=4_000,
+    ema=(0.9999, 0.99999, 100_000),
+    top_k=12,
+    decoder=(768, 9, 5),
+  ),
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant="tiny")
+  arg = common.parse_arg(arg, variant="tiny", version=1)
+  if arg.version not in (1, 2):
+    raise ValueError(f"version={arg.version}: use 1 (data2vec) or 2 (data2vec 2.0)")
   if arg.variant not in _RECIPES:
     raise ValueError(f"Unknown variant {arg.variant!r}; known: {sorted(_RECIPES)} (no v1 large)")
-  recipe = _RECIPES[arg.variant]
+  config = _version1(arg.variant)
+  return config if arg.version == 1 else _version2(config, arg.variant)
+
+
+def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """data2vec 2.0 on the v1 config's data, tokenizer, probe and loop groups (spec §2.1-§2.3)."""
+  recipe = _V2_RECIPES[variant]
+  config.version = 2
+  dim, kernel, layers = recipe["decoder"]
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant=variant,
+      vocab_size=-1,  # the tokenizer's (set when the run starts)
+      max_positions=config.input.get_ref("max_length"),
+      pad_id=PAD,
+      prenet_depth=0,
+      dropout=0.1,
+      attention_dropout=0.1,
+      activation_dropout=0.0,
+      drop_path_rate=0.0,
+      norm_eps=1e-5,
+      mask_noise_std=0.01,
+      # 1-D conv decoder without residual, groups 1, a two-layer projection (spec §2.3).
+      decoder=dict(
+        dim=dim,
+        kernel=kernel,
+        groups=1,
+        layers=layers,
+        residual=False,
+        projection_layers=2,
+        input_dropout=0.1,
+      ),
+      dtype="float32",
+    )
+  )
+  # MAE random masking of 48% of the tokens (the released config; the paper says 42%).
+  config.masking = ml_collections.ConfigDict(
+    dict(num_clones=recipe["clones"], ratio=0.48, mask_id=-1)
+  )
+  config.targets = ml_collections.ConfigDict(
+    dict(top_k=recipe["top_k"], layer_norm="instance", final_norm="none")
+  )
+  config.loss = ml_collections.ConfigDict(dict(scale=1.0, cls_weight=0.0))  # L2 summed over D
+  ema_start, ema_end, anneal = recipe["ema"]
+  config.ema = ml_collections.ConfigDict(
+    dict(
+      decay=ema_start,
+      end_decay=ema_end,
+      anneal_steps=anneal,
+      # The blocks (and the context encoder's LayerNorm) are EMA'd; the embeddings are shared:
+      # the teacher encodes the student's embedding output (spec §2.3).
+      teacher_params=("encoder",),
+      copy_params=(),
+    )
+  )
+  config.optim.update(
+    dict(lr=recipe["lr"], warmup_steps=recipe["warmup"], clip_norm=1.0, decay_1d=False)
+  )
+  config.input.batch_size = recipe["batch"]
+  config.loop.total_steps = recipe["steps"]
+  return config
+
+
+def _version1(variant: str) -> ml_collections.ConfigDict:
+  recipe = _RECIPES[variant]
   max_length = ml_collections.FieldReference(recipe["max_length"])
   config = ml_collections.ConfigDict()
   config.mode = "pretrain"
@@ -63,7 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(
     dict(
-      variant=arg.variant,
+      variant=variant,
       vocab_size=-1,  # -1 = the tokenizer's (set when the run starts)
       max_positions=max_length,
       pad_id=PAD,
@@ -144,7 +240,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.probe = ml_collections.ConfigDict(
     dict(
       enabled=True,
-      every=250 if arg.variant == "tiny" else 10_000,
+      every=250 if variant == "tiny" else 10_000,
       seeds=(0, 1, 2),
       batch_size=64,
       l2=1e-3,

@@ -2,18 +2,20 @@
 
 Inside one jitted function, per step:
   1. keys: the step folded into the loop key -> `mask`, `dropout` and `noise` streams;
-  2. the teacher (EMA parameters, eval mode, stop_gradient) embeds and encodes every sample ONCE,
-     unmasked; its targets: the FFN outputs of the top K main blocks (prenet excluded), each
-     instance-normalised over positions, averaged, then (images) LayerNorm'd;
-  3. the student embeds the batch once; each sample is repeated M times (`clone_batch`,
-     sample-major) with M independent masks drawn with `jax.random` (static kept count K);
-  4. the student encodes the kept tokens only, the decoder predicts every position, and the loss
-     is L2 summed over D, scaled by 1/√D, averaged over masked positions, against the targets
-     repeated M times;
-  5. images: the CLS loss, L2/√D between the last CLS output and the position-mean of the
+  2. the student embeds the batch once (images: patches + fixed positions; text: embeddings);
+  3. the teacher (EMA parameters, eval mode, stop_gradient) encodes every sample ONCE, unmasked:
+     images embed with the teacher's own patch embedding, text reads the student's embeddings
+     (shared, spec §2.3); its targets: the FFN outputs of the top K main blocks (prenet
+     excluded), each instance-normalised over positions, averaged, then (images) LayerNorm'd;
+  4. each sample is repeated M times (`clone_batch`, sample-major) with M independent masks
+     drawn with `jax.random` (static kept count K);
+  5. the student encodes the kept tokens only, the decoder predicts every position, and the loss
+     is L2 summed over D, scaled by 1/√D (images) or 1 (text), averaged over masked valid
+     positions, against the targets repeated M times;
+  6. images: the CLS loss, L2/√D between the last CLS output and the position-mean of the
      sample's targets, weighted 0.01 and summed over the M·B rows (fairseq multiplies it by the
      masked count before dividing the whole loss by that count);
-  6. gradient, optimiser update, then the EMA of the teacher with τ(step).
+  7. gradient, optimiser update, then the EMA of the teacher with τ(step).
 """
 
 import jax
@@ -25,31 +27,33 @@ from d2v_jax.state import TrainState
 from d2v_jax.steps import model_inputs, update_student_and_teacher
 
 
-def draw_masks(rng, batch: int, grid, config: ml_collections.ConfigDict) -> masking_v2.V2Mask:
-  """M masks per sample, [B·M, N] (spec §2.2): images, inverse 2-D block masking."""
+def draw_masks(rng, batch: int, length: int, config, grid=None) -> masking_v2.V2Mask:
+  """M masks per sample, [B·M, N] (spec §2.2): inverse 2-D block masking of the patch grid
+  (images) or MAE random masking of the tokens (text)."""
   m = config.masking
-  if config.modality != "image":
+  if config.modality == "image":
+    shape = dict(mask_fn=masking_v2.block_mask_2d, grid=grid, block=m.block, adjust=m.adjust)
+    shape["inverse"] = m.inverse
+  elif config.modality == "text":
+    shape = dict(mask_fn=masking_v2.random_mask, length=length)
+  else:
     raise NotImplementedError(f"data2vec 2.0 masking for {config.modality!r} is not built yet")
-  return masking_v2.multi_mask(
-    rng,
-    masking_v2.block_mask_2d,
-    batch,
-    m.num_clones,
-    grid=grid,
-    block=m.block,
-    ratio=m.ratio,
-    adjust=m.adjust,
-    inverse=m.inverse,
-  )
+  mask_fn = shape.pop("mask_fn")
+  return masking_v2.multi_mask(rng, mask_fn, batch, m.num_clones, ratio=m.ratio, **shape)
 
 
-def teacher_targets(model, config, teacher_params, inputs, padding):
-  """Normalised targets [B, N, D] of the teacher on the unmasked input (spec §2.1.5)."""
+def teacher_targets(model, config, teacher_params, inputs, padding, tokens, token_padding):
+  """Normalised targets [B, N, D] of the teacher on the unmasked input (spec §2.1.5).
+
+  A teacher that mirrors the local encoder (images) embeds `inputs` itself; one that does not
+  (text: the embeddings are shared) encodes the student's `tokens`.
+  """
   variables = {"params": teacher_params}
-  tokens, token_padding = model.apply(variables, inputs, padding, train=False, method=model.embed)
+  if "frontend" in teacher_params:
+    tokens, token_padding = model.apply(variables, inputs, padding, train=False, method=model.embed)
   _, aux = model.apply(variables, tokens, token_padding, train=False, method=model.encode)
   t = config.targets
-  y = targets.build_targets(
+  return targets.build_targets(
     aux["layers"][model.num_prenet :],  # the main blocks only
     token_padding,
     top_k=t.top_k,
@@ -57,7 +61,6 @@ def teacher_targets(model, config, teacher_params, inputs, padding):
     layer_norm_kind=t.layer_norm,
     final_norm=t.final_norm,
   )
-  return y, token_padding
 
 
 def cls_loss(cls_pred, y, token_padding, num_clones: int):
@@ -72,37 +75,48 @@ def cls_loss(cls_pred, y, token_padding, num_clones: int):
 def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
   """Returns `step(state, batch, loop_key) -> (state, metrics)`, pure and ready for jit."""
   num_clones = config.masking.num_clones
-  grid = model.decoder.grid
+  grid = getattr(model.decoder, "grid", None)
 
   def step(state: TrainState, batch, loop_key):
     rng = jax.random.fold_in(loop_key, state.step)
     mask_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
     inputs, padding = model_inputs(batch, config.modality)
-    y, token_padding = jax.lax.stop_gradient(
-      teacher_targets(model, config, state.teacher, inputs, padding)
-    )  # [B, N, D]
-    masks = draw_masks(mask_rng, y.shape[0], grid, config)  # [B·M, N]
 
     def loss_fn(params):
       variables = {"params": params}
       rngs = {"dropout": dropout_rng, "noise": noise_rng}
-      tokens, _ = model.apply(
+      tokens, token_padding = model.apply(
         variables, inputs, padding, train=True, rngs=rngs, method=model.embed
       )  # [B, N, D]: embedded once, then repeated
+      y = jax.lax.stop_gradient(
+        teacher_targets(
+          model,
+          config,
+          state.teacher,
+          inputs,
+          padding,
+          jax.lax.stop_gradient(tokens),
+          token_padding,
+        )
+      )  # [B, N, D]: one teacher pass per sample
+      batch_size, length = token_padding.shape
+      masks = draw_masks(mask_rng, batch_size, length, config, grid)  # [B·M, N]
       clones = masking_v2.clone_batch(tokens, num_clones)  # [B·M, N, D]
       clone_padding = masking_v2.clone_batch(token_padding, num_clones)
       x, aux = model.apply(
         variables, clones, clone_padding, masks.keep_ids, train=True, rngs=rngs, method=model.encode
       )  # [B·M, K, D]
-      pred = model.apply(variables, x, masks, train=True, rngs=rngs, method=model.decode)
-      target = masking_v2.clone_batch(y, num_clones)  # [B·M, N, D]
+      pred = model.apply(
+        variables, x, masks, clone_padding, train=True, rngs=rngs, method=model.decode
+      )  # [B·M, N, D]
+      target = masking_v2.clone_batch(y, num_clones)
       weights = masks.mask & ~clone_padding
       regression, num_masked = losses.regression_loss(
         pred, target, weights, beta=0.0, scale=config.loss.scale, reduce_dims="sum"
       )
       loss = regression
       metrics = {"regression_loss": regression, "num_masked": num_masked}
-      if config.loss.cls_weight > 0:
+      if aux["cls"] is not None and config.loss.cls_weight > 0:
         cls = config.loss.cls_weight * cls_loss(aux["cls"], y, token_padding, num_clones)
         loss = loss + cls
         metrics["cls_loss"] = cls

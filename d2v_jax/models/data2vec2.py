@@ -17,8 +17,9 @@ are for the (kept) patch positions only; the last CLS output is `aux["cls"]` (th
 it). `aux["layers"]` lists the prenet blocks first; `num_prenet` says how many, since targets
 come from the main blocks only (spec §2.1.5).
 
-Images only for now; speech (ALiBi, zeroed masked frames before the positional conv) and text
-follow the same contract.
+Images and text so far; speech (ALiBi, zeroed masked frames before the positional conv) follows
+the same contract. Text: RoBERTa's embeddings (`text.TextFrontend`), no extra token, the 1-D
+decoder with a two-layer projection.
 """
 
 import jax
@@ -27,7 +28,7 @@ import ml_collections
 from flax import linen as nn
 
 from d2v_jax import masking_v2
-from d2v_jax.models import image, v2_layers
+from d2v_jax.models import image, text, v2_layers
 from d2v_jax.models.data2vec import model_sizes
 
 # BEiT/MAE: the patch projection is Xavier-uniform over the flattened [C·p·p, D] weight.
@@ -103,15 +104,18 @@ class Data2Vec2(nn.Module):
       padding_mask = masking_v2.gather(padding_mask, keep_ids)
     return self.encoder(tokens, padding_mask, train=train)
 
-  def decode(self, x, mask: masking_v2.V2Mask, *, train: bool):
-    """Encoder outputs at the kept positions [B, K, D] -> predictions at all N positions."""
+  def decode(self, x, mask: masking_v2.V2Mask, padding_mask=None, *, train: bool):
+    """Encoder outputs at the kept positions [B, K, D] -> predictions at all N positions.
+
+    `padding_mask` [B, N] (text) keeps padded positions out of the 1-D decoder's convolutions.
+    """
     x = self.decoder_dropout(x, deterministic=not train)
     masked_shape = (x.shape[0], mask.mask.shape[1] - x.shape[1], x.shape[2])
     noise = jnp.zeros(masked_shape, x.dtype)
     if masked_shape[1]:  # static: `init` decodes with nothing masked and needs no noise stream
       noise = self.mask_noise_std * jax.random.normal(self.make_rng("noise"), masked_shape)
     full = masking_v2.unshuffle(x, noise.astype(x.dtype), mask.restore_ids)  # [B, N, D]
-    return self.decoder(full)
+    return self.decoder(full, padding_mask)
 
   def __call__(self, inputs, padding_mask=None, *, train: bool = False):
     """Every module once (for `init`): the whole input through encoder and decoder."""
@@ -119,7 +123,44 @@ class Data2Vec2(nn.Module):
     x, aux = self.encode(tokens, token_padding, train=train)
     num = tokens.shape[1]
     everything = masking_v2.from_mask(jnp.zeros((tokens.shape[0], num), bool), num)
-    return self.decode(x, everything, train=train), aux
+    return self.decode(x, everything, token_padding, train=train), aux
+
+
+def _decoder(modality: str, d: ml_collections.ConfigDict, sizes: dict, dtype) -> nn.Module:
+  """The 2-D decoder on the patch grid (images) or the 1-D one over time (speech, text)."""
+  conv = dict(
+    decoder_dim=d.dim, kernel=d.kernel, groups=d.groups, num_layers=d.layers, residual=d.residual
+  )
+  if modality == "image":
+    grid = image.patch_grid(sizes["image_size"], sizes["patch_size"])
+    return v2_layers.Decoder2d(grid=grid, **conv, dtype=dtype)
+  return v2_layers.Decoder1d(**conv, projection_layers=d.projection_layers, dtype=dtype)
+
+
+def _frontend(modality: str, model_cfg, sizes: dict, dtype) -> nn.Module:
+  """The local encoder: patches with fixed positions (images) or embeddings (text)."""
+  if modality == "image":
+    return image.ImageFrontend(
+      sizes["dim"],
+      sizes["image_size"],
+      sizes["patch_size"],
+      dtype=dtype,
+      kernel_init=_PATCH_INIT,
+      fixed_positions=True,
+    )
+  return text.TextFrontend(
+    sizes["vocab_size"],
+    sizes["dim"],
+    max_positions=sizes["max_positions"],
+    pad_id=model_cfg.pad_id,
+    dropout=model_cfg.dropout,
+    layer_norm_eps=model_cfg.norm_eps,
+    dtype=dtype,
+  )
+
+
+# Extra (CLS) tokens per modality (fairseq `num_extra_tokens`): only images have one.
+_EXTRA_TOKENS = {"image": 1, "text": 0}
 
 
 def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec2:
@@ -127,27 +168,20 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
 
   `num_layers` counts every block, prenet (`prenet_depth`) and main.
   """
-  if modality != "image":
-    raise NotImplementedError(f"data2vec 2.0 is implemented for images so far, not {modality!r}")
+  if modality not in _EXTRA_TOKENS:
+    raise NotImplementedError(
+      f"data2vec 2.0 is implemented for {sorted(_EXTRA_TOKENS)} so far, not {modality!r}"
+    )
   sizes = model_sizes(modality, model_cfg)
   dtype = jnp.dtype(model_cfg.dtype)
   dim = sizes["dim"]
-  grid = image.patch_grid(sizes["image_size"], sizes["patch_size"])
-  d = model_cfg.decoder
   return Data2Vec2(
-    frontend=image.ImageFrontend(
-      dim,
-      sizes["image_size"],
-      sizes["patch_size"],
-      dtype=dtype,
-      kernel_init=_PATCH_INIT,
-      fixed_positions=True,
-    ),
+    frontend=_frontend(modality, model_cfg, sizes, dtype),
     encoder=ContextEncoder(
       num_layers=sizes["num_layers"],
       num_heads=sizes["num_heads"],
       mlp_ratio=sizes["mlp_dim"] / dim,
-      num_extra_tokens=1,
+      num_extra_tokens=_EXTRA_TOKENS[modality],
       dropout=model_cfg.dropout,
       attention_dropout=model_cfg.attention_dropout,
       activation_dropout=model_cfg.activation_dropout,
@@ -155,17 +189,9 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
       norm_eps=model_cfg.norm_eps,
       dtype=dtype,
     ),
-    decoder=v2_layers.Decoder2d(
-      grid=grid,
-      decoder_dim=d.dim,
-      kernel=d.kernel,
-      groups=d.groups,
-      num_layers=d.layers,
-      residual=d.residual,
-      dtype=dtype,
-    ),
+    decoder=_decoder(modality, model_cfg.decoder, sizes, dtype),
     dim=dim,
     num_prenet=model_cfg.prenet_depth,
     mask_noise_std=model_cfg.mask_noise_std,
-    decoder_input_dropout=d.input_dropout,
+    decoder_input_dropout=model_cfg.decoder.input_dropout,
   )

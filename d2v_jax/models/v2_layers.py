@@ -421,7 +421,8 @@ class Decoder2d(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, padding_mask=None):
+    del padding_mask  # images fill the grid: never padded (the 1-D decoder's signature)
     batch, length, out_dim = x.shape
     h, w = self.grid
     if length != h * w:
