@@ -33,6 +33,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
+def versioned_config(arg, version1, version2, variants, note: str = ""):
+  """The config of `variant=...,version=1|2`: `version1(variant)`, and for data2vec 2.0
+  `version2(that config, variant)`, which keeps its data, probe and loop groups."""
+  arg = parse_arg(arg, variant="tiny", version=1)
+  if arg.version not in (1, 2):
+    raise ValueError(f"version={arg.version}: use 1 (data2vec) or 2 (data2vec 2.0)")
+  if arg.variant not in variants:
+    raise ValueError(f"Unknown variant {arg.variant!r}; known: {sorted(variants)}{note}")
+  config = version1(arg.variant)
+  return config if arg.version == 1 else version2(config, arg.variant)
+
+
 def loop_config(total_steps: int) -> ml_collections.ConfigDict:
   """Training-loop defaults shared by pretraining and fine-tuning."""
   return ml_collections.ConfigDict(

@@ -80,13 +80,7 @@ _V2_RECIPES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant="tiny", version=1)
-  if arg.version not in (1, 2):
-    raise ValueError(f"version={arg.version}: use 1 (data2vec) or 2 (data2vec 2.0)")
-  if arg.variant not in _RECIPES:
-    raise ValueError(f"Unknown variant {arg.variant!r}; known: {sorted(_RECIPES)} (no v1 large)")
-  config = _version1(arg.variant)
-  return config if arg.version == 1 else _version2(config, arg.variant)
+  return common.versioned_config(arg, _version1, _version2, _RECIPES, note=" (no v1 large)")
 
 
 def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
