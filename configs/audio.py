@@ -4,9 +4,11 @@
     python main.py --config=configs/audio.py:variant=base --workdir=runs/audio_base \
         --config.input.source=manifest --config.input.path=/data/librispeech/train.tsv
 
+    python main.py --config=configs/audio.py:version=2 --workdir=runs/audio_v2_tiny
+
 Arguments after the colon: `variant=tiny|base|large` (default tiny, the CPU-sized model on the
-embedded speech set). Any field can be overridden with `--config.<group>.<field>=value`; unknown
-fields are an error.
+embedded speech set) and `version=1|2` (data2vec 2.0: spec §2, `d2v_jax/models/data2vec2.py`).
+Any field can be overridden with `--config.<group>.<field>=value`; unknown fields are an error.
 """
 
 import ml_collections
@@ -48,9 +50,126 @@ _RECIPES = {
 _RECIPES["large"] = dict(_RECIPES["base"], lr=3e-4)
 
 
+# data2vec 2.0 per variant (spec §2.3, audio columns): updates, batch, clones M, peak LR,
+# warm-up, EMA (start, end, anneal updates), mask ratio and adjustment, top-K, decoder (dim,
+# kernel, layers), layerdrop.
+_V2_RECIPES = {
+  # CPU run on the embedded set: v1's tiny crops and one-layer positional conv, 4 clones.
+  "tiny": dict(
+    steps=2000,
+    batch=8,
+    clones=4,
+    lr=5e-4,
+    warmup=200,
+    ema=(0.999, 0.9999, 2000),
+    mask=(0.5, 0.05),
+    top_k=3,
+    decoder=(96, 7, 3),
+    layerdrop=0.05,
+  ),
+  "base": dict(
+    steps=400_000,
+    batch=16,  # 62.5 s per GPU × 16 GPUs (spec §2.3): set crops and batch to your hardware
+    clones=8,
+    lr=7.5e-4,
+    warmup=8_000,
+    ema=(0.999, 0.99999, 75_000),
+    mask=(0.5, 0.05),
+    top_k=8,
+    decoder=(384, 7, 4),
+    layerdrop=0.05,
+  ),
+  "large": dict(
+    steps=600_000,
+    batch=48,
+    clones=12,
+    lr=4e-4,
+    warmup=10_000,
+    ema=(0.9997, 1.0, 300_000),
+    mask=(0.55, 0.1),
+    top_k=16,
+    decoder=(768, 7, 4),
+    layerdrop=0.0,
+  ),
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant="tiny")
-  recipe = _RECIPES[arg.variant]
+  return common.versioned_config(arg, _version1, _version2, _RECIPES)
+
+
+def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """data2vec 2.0 on the v1 config's data, probe and loop groups (spec §2.1-§2.3)."""
+  recipe = _V2_RECIPES[variant]
+  config.version = 2
+  dim, kernel, layers = recipe["decoder"]
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant=variant,
+      prenet_depth=0,
+      dropout=0.1,
+      attention_dropout=0.1,
+      activation_dropout=0.0,
+      drop_path_rate=0.0,
+      layerdrop=recipe["layerdrop"],
+      norm_eps=1e-5,
+      mask_noise_std=0.01,
+      decoder=dict(
+        dim=dim,
+        kernel=kernel,
+        groups=16,
+        layers=layers,
+        residual=True,
+        projection_layers=1,
+        input_dropout=0.1,
+      ),
+      dtype="float32",
+    )
+  )
+  ratio, adjust = recipe["mask"]
+  # Blocks of 5 frames around ⌊T(R + A)/5⌋ centres, then exactly ⌊T·R⌋ masked (spec §2.2).
+  config.masking = ml_collections.ConfigDict(
+    dict(num_clones=recipe["clones"], block=5, ratio=ratio, adjust=adjust)
+  )
+  config.targets = ml_collections.ConfigDict(
+    dict(top_k=recipe["top_k"], layer_norm="instance", final_norm="none")
+  )
+  config.loss = ml_collections.ConfigDict(dict(scale=None, cls_weight=0.0))  # L2 / √D
+  ema_start, ema_end, anneal = recipe["ema"]
+  config.ema = ml_collections.ConfigDict(
+    dict(
+      decay=ema_start,
+      end_decay=ema_end,
+      anneal_steps=anneal,
+      # EMA'd: positional conv, context LayerNorm, blocks, ALiBi scales; shared: the CNN and the
+      # feature projection (the teacher reads the student's features; spec §2.3).
+      teacher_params=("relative_positions", "alibi_scale", "encoder"),
+      copy_params=(),
+    )
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      name="adam",
+      lr=recipe["lr"],
+      b1=0.9,
+      b2=0.98,
+      eps=1e-6,
+      weight_decay=0.01,
+      decay_1d=False,  # no decay on 1-D parameters, biases or ALiBi scales
+      no_decay=(r"alibi_scale",),
+      clip_norm=1.0 if variant == "large" else 0.0,
+      schedule="cosine",
+      warmup_steps=recipe["warmup"],
+      end_lr=0.0,
+    )
+  )
+  config.input.batch_size = recipe["batch"]
+  config.loop.total_steps = recipe["steps"]
+  return config
+
+
+def _version1(variant: str) -> ml_collections.ConfigDict:
+  recipe = _RECIPES[variant]
   config = ml_collections.ConfigDict()
   config.mode = "pretrain"
   config.modality = "audio"
@@ -59,7 +178,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(
     dict(
-      variant=arg.variant,
+      variant=variant,
       dropout=0.1,  # residual dropout in blocks and after the feature projection
       attention_dropout=0.1,
       activation_dropout=0.0,
@@ -73,7 +192,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.targets = ml_collections.ConfigDict(
     dict(
-      top_k=8 if arg.variant != "tiny" else 3,
+      top_k=8 if variant != "tiny" else 3,
       layer_output="ffn",  # 'ffn' (FFN output before the residual) or 'block' (end of block)
       layer_norm="instance",  # per-layer: 'instance' (over time) | 'layer' (over D) | 'none'
       final_norm="none",  # after averaging: 'none' | 'layer' | 'instance'

@@ -29,15 +29,17 @@ from d2v_jax.steps import model_inputs, update_student_and_teacher
 
 def draw_masks(rng, batch: int, length: int, config, grid=None) -> masking_v2.V2Mask:
   """M masks per sample, [B·M, N] (spec §2.2): inverse 2-D block masking of the patch grid
-  (images) or MAE random masking of the tokens (text)."""
+  (images), 1-D block masking of the frames (speech) or MAE random masking (text)."""
   m = config.masking
   if config.modality == "image":
     shape = dict(mask_fn=masking_v2.block_mask_2d, grid=grid, block=m.block, adjust=m.adjust)
     shape["inverse"] = m.inverse
+  elif config.modality == "audio":
+    shape = dict(mask_fn=masking_v2.block_mask_1d, length=length, block=m.block, adjust=m.adjust)
   elif config.modality == "text":
     shape = dict(mask_fn=masking_v2.random_mask, length=length)
   else:
-    raise NotImplementedError(f"data2vec 2.0 masking for {config.modality!r} is not built yet")
+    raise ValueError(f"No data2vec 2.0 masking for modality {config.modality!r}")
   mask_fn = shape.pop("mask_fn")
   return masking_v2.multi_mask(rng, mask_fn, batch, m.num_clones, ratio=m.ratio, **shape)
 
@@ -46,7 +48,8 @@ def teacher_targets(model, config, teacher_params, inputs, padding, tokens, toke
   """Normalised targets [B, N, D] of the teacher on the unmasked input (spec §2.1.5).
 
   A teacher that mirrors the local encoder (images) embeds `inputs` itself; one that does not
-  (text: the embeddings are shared) encodes the student's `tokens`.
+  (speech: the CNN and projection, text: the embeddings are shared) encodes the student's
+  `tokens`.
   """
   variables = {"params": teacher_params}
   if "frontend" in teacher_params:

@@ -17,9 +17,10 @@ are for the (kept) patch positions only; the last CLS output is `aux["cls"]` (th
 it). `aux["layers"]` lists the prenet blocks first; `num_prenet` says how many, since targets
 come from the main blocks only (spec §2.1.5).
 
-Images and text so far; speech (ALiBi, zeroed masked frames before the positional conv) follows
-the same contract. Text: RoBERTa's embeddings (`text.TextFrontend`), no extra token, the 1-D
-decoder with a two-layer projection.
+Per modality: images as above; text: RoBERTa's embeddings (`text.TextFrontend`), no extra
+token, the 1-D decoder with a two-layer projection; speech: the v1 CNN and feature projection,
+convolutional relative positions on the whole (masked-zeroed) sequence, ALiBi with learned
+per-head scales in every block, the 1-D decoder.
 """
 
 import jax
@@ -28,7 +29,7 @@ import ml_collections
 from flax import linen as nn
 
 from d2v_jax import masking_v2
-from d2v_jax.models import image, text, v2_layers
+from d2v_jax.models import audio, image, text, v2_layers
 from d2v_jax.models.data2vec import model_sizes
 
 # BEiT/MAE: the patch projection is Xavier-uniform over the flattened [C·p·p, D] weight.
@@ -53,7 +54,8 @@ class ContextEncoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, padding_mask, *, train: bool):
+  def __call__(self, x, padding_mask, attention_bias=None, *, train: bool):
+    # attention_bias: [B or 1, H, K, K] (speech's ALiBi at the kept positions) or None.
     batch, _, dim = x.shape
     extra = self.num_extra_tokens
     if extra:  # fairseq: N(0, 1) (init_extra_token_zero false)
@@ -73,7 +75,7 @@ class ContextEncoder(nn.Module):
       norm_eps=self.norm_eps,
       dtype=self.dtype,
       name="blocks",
-    )(x, padding_mask, train=train)
+    )(x, padding_mask, attention_bias, train=train)
     layers = [{name: y[:, extra:] for name, y in layer.items()} for layer in layers]
     cls = x[:, 0] if extra else None
     return x[:, extra:], {"layers": layers, "cls": cls}
@@ -89,20 +91,45 @@ class Data2Vec2(nn.Module):
   num_prenet: int = 0
   mask_noise_std: float = 0.01
   decoder_input_dropout: float = 0.0
+  # Speech: the convolutional relative positions and ALiBi with learned per-head scales.
+  relative_positions: nn.Module | None = None
+  alibi_heads: int = 0
 
   def setup(self):
     self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
+    if self.alibi_heads:
+      self.alibi_scale = v2_layers.AlibiScale(self.alibi_heads)
 
   def embed(self, inputs, padding_mask, *, train: bool):
     """Raw input -> (tokens with fixed positions [B, N, D], padding mask [B, N])."""
     return self.frontend(inputs, padding_mask, train=train)
 
   def encode(self, tokens, padding_mask, keep_ids=None, *, train: bool):
-    """The context encoder on the tokens at `keep_ids` [B, K] (None: every token)."""
+    """The context encoder on the tokens at `keep_ids` [B, K] (None: every token).
+
+    Speech first adds its convolutional positions, computed on the whole sequence with the
+    masked frames zeroed (fairseq's `encoder_zero_mask`), so the kept frames see where masked
+    ones are without seeing them; its ALiBi bias keeps each kept frame's original distances.
+    """
+    length = tokens.shape[1]
+    if self.relative_positions is not None:
+      visible = tokens
+      if keep_ids is not None:
+        kept = (
+          jnp.zeros(tokens.shape[:2], bool)
+          .at[jnp.arange(tokens.shape[0])[:, None], keep_ids]
+          .set(True)
+        )
+        visible = jnp.where(kept[..., None], tokens, 0)  # [B, T, D]
+      tokens = tokens + self.relative_positions(visible, padding_mask)
+    bias = None
+    if self.alibi_heads:
+      bias = v2_layers.alibi_bias(self.alibi_heads, length) * self.alibi_scale()[0, 0]  # [H, T, T]
+      bias = bias[None] if keep_ids is None else v2_layers.masked_alibi(bias, keep_ids)
     if keep_ids is not None:
       tokens = masking_v2.gather(tokens, keep_ids)  # [B, K, D]
       padding_mask = masking_v2.gather(padding_mask, keep_ids)
-    return self.encoder(tokens, padding_mask, train=train)
+    return self.encoder(tokens, padding_mask, bias, train=train)
 
   def decode(self, x, mask: masking_v2.V2Mask, padding_mask=None, *, train: bool):
     """Encoder outputs at the kept positions [B, K, D] -> predictions at all N positions.
@@ -138,7 +165,10 @@ def _decoder(modality: str, d: ml_collections.ConfigDict, sizes: dict, dtype) ->
 
 
 def _frontend(modality: str, model_cfg, sizes: dict, dtype) -> nn.Module:
-  """The local encoder: patches with fixed positions (images) or embeddings (text)."""
+  """The local encoder: the CNN and feature projection (speech), patches with fixed positions
+  (images) or embeddings (text)."""
+  if modality == "audio":
+    return audio.AudioFrontend(sizes["dim"], sizes["conv_dim"], dtype=dtype)
   if modality == "image":
     return image.ImageFrontend(
       sizes["dim"],
@@ -160,7 +190,7 @@ def _frontend(modality: str, model_cfg, sizes: dict, dtype) -> nn.Module:
 
 
 # Extra (CLS) tokens per modality (fairseq `num_extra_tokens`): only images have one.
-_EXTRA_TOKENS = {"image": 1, "text": 0}
+_EXTRA_TOKENS = {"audio": 0, "image": 1, "text": 0}
 
 
 def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec2:
@@ -194,4 +224,10 @@ def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec
     num_prenet=model_cfg.prenet_depth,
     mask_noise_std=model_cfg.mask_noise_std,
     decoder_input_dropout=model_cfg.decoder.input_dropout,
+    relative_positions=audio.ConvPositionalEncoding(
+      sizes["pos_conv_depth"], sizes["pos_conv_kernel"], sizes["pos_conv_groups"], dtype=dtype
+    )
+    if modality == "audio"
+    else None,
+    alibi_heads=sizes["num_heads"] if modality == "audio" else 0,
   )
