@@ -103,49 +103,24 @@ def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections
   recipe = _V2_RECIPES[variant]
   config.version = 2
   dim, kernel, layers = recipe["decoder"]
-  config.model = ml_collections.ConfigDict(
-    dict(
-      variant=variant,
-      prenet_depth=0,
-      dropout=0.1,
-      attention_dropout=0.1,
-      activation_dropout=0.0,
-      drop_path_rate=0.0,
-      layerdrop=recipe["layerdrop"],
-      norm_eps=1e-5,
-      mask_noise_std=0.01,
-      decoder=dict(
-        dim=dim,
-        kernel=kernel,
-        groups=16,
-        layers=layers,
-        residual=True,
-        projection_layers=1,
-        input_dropout=0.1,
-      ),
-      dtype="float32",
-    )
+  config.model = common.v2_model(
+    variant,
+    dropout=0.1,
+    norm_eps=1e-5,
+    decoder=common.v2_decoder(dim, kernel, layers, input_dropout=0.1),
+    layerdrop=recipe["layerdrop"],
   )
   ratio, adjust = recipe["mask"]
   # Blocks of 5 frames around ⌊T(R + A)/5⌋ centres, then exactly ⌊T·R⌋ masked (spec §2.2).
   config.masking = ml_collections.ConfigDict(
     dict(num_clones=recipe["clones"], block=5, ratio=ratio, adjust=adjust)
   )
-  config.targets = ml_collections.ConfigDict(
-    dict(top_k=recipe["top_k"], layer_norm="instance", final_norm="none")
-  )
+  config.targets = common.v2_targets(recipe["top_k"], final_norm="none")
   config.loss = ml_collections.ConfigDict(dict(scale=None, cls_weight=0.0))  # L2 / √D
-  ema_start, ema_end, anneal = recipe["ema"]
-  config.ema = ml_collections.ConfigDict(
-    dict(
-      decay=ema_start,
-      end_decay=ema_end,
-      anneal_steps=anneal,
-      # EMA'd: positional conv, context LayerNorm, blocks, ALiBi scales; shared: the CNN and the
-      # feature projection (the teacher reads the student's features; spec §2.3).
-      teacher_params=("relative_positions", "alibi_scale", "encoder"),
-      copy_params=(),
-    )
+  # EMA'd: positional conv, context LayerNorm, blocks, ALiBi scales; shared: the CNN and the
+  # feature projection (the teacher reads the student's features; spec §2.3).
+  config.ema = common.v2_ema(
+    recipe["ema"], teacher_params=("relative_positions", "alibi_scale", "encoder")
   )
   config.optim = ml_collections.ConfigDict(
     dict(

@@ -45,6 +45,59 @@ def versioned_config(arg, version1, version2, variants, note: str = ""):
   return config if arg.version == 1 else version2(config, arg.variant)
 
 
+def v2_model(variant: str, *, dropout: float, norm_eps: float, decoder: dict, **fields):
+  """`config.model` of a data2vec 2.0 config (spec §2.3): the fields every modality has, then
+  the modality's `fields`. `dropout` is the blocks' residual and attention dropout."""
+  return ml_collections.ConfigDict(
+    dict(
+      variant=variant,
+      prenet_depth=fields.pop("prenet_depth", 0),  # the first of num_layers blocks
+      dropout=dropout,
+      attention_dropout=dropout,
+      activation_dropout=0.0,
+      drop_path_rate=0.0,
+      norm_eps=norm_eps,
+      mask_noise_std=0.01,  # N(0, σ²) decoder inputs at masked positions
+      decoder=decoder,
+      dtype="float32",
+      **fields,
+    )
+  )
+
+
+def v2_decoder(
+  dim, kernel, layers, *, groups=16, residual=True, projection_layers=1, input_dropout
+):
+  """`config.model.decoder`: the conv decoder's width, kernel, depth, groups, residual, the
+  projection's Linear count and the dropout on its input (spec §2.1.8, §2.3)."""
+  return dict(
+    dim=dim,
+    kernel=kernel,
+    groups=groups,
+    layers=layers,
+    residual=residual,
+    projection_layers=projection_layers,
+    input_dropout=input_dropout,
+  )
+
+
+def v2_ema(ema: tuple[float, float, int], teacher_params: tuple[str, ...]):
+  """`config.ema` of data2vec 2.0: τ anneals start -> end over `ema[2]` updates; the teacher
+  mirrors `teacher_params` (the rest is shared or, the decoder, the student's alone)."""
+  start, end, anneal = ema
+  return ml_collections.ConfigDict(
+    dict(
+      decay=start, end_decay=end, anneal_steps=anneal, teacher_params=teacher_params, copy_params=()
+    )
+  )
+
+
+def v2_targets(top_k: int, final_norm: str):
+  """`config.targets` of data2vec 2.0: FFN outputs of the top-K main blocks, instance norm each,
+  averaged, then `final_norm` (spec §2.1.5)."""
+  return ml_collections.ConfigDict(dict(top_k=top_k, layer_norm="instance", final_norm=final_norm))
+
+
 def loop_config(total_steps: int) -> ml_collections.ConfigDict:
   """Training-loop defaults shared by pretraining and fine-tuning."""
   return ml_collections.ConfigDict(

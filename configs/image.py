@@ -127,44 +127,26 @@ def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections
   recipe = _V2_RECIPES[variant]
   config.version = 2
   dim, kernel, layers = recipe["decoder"]
-  config.model = ml_collections.ConfigDict(
-    dict(
-      variant=variant,
-      image_size=config.model.get_ref("image_size"),  # shared with config.input
-      patch_size=config.model.patch_size,
-      prenet_depth=recipe["prenet"],  # of the variant's num_layers blocks, the first ones
-      dropout=0.0,
-      attention_dropout=0.0,
-      activation_dropout=0.0,
-      drop_path_rate=0.0,
-      norm_eps=1e-6,
-      mask_noise_std=0.01,  # N(0, σ²) decoder inputs at masked positions
-      decoder=dict(
-        dim=dim, kernel=kernel, groups=16, layers=layers, residual=True, input_dropout=0.0
-      ),
-      dtype="float32",
-    )
+  config.model = common.v2_model(
+    variant,
+    dropout=0.0,
+    norm_eps=1e-6,
+    decoder=common.v2_decoder(dim, kernel, layers, input_dropout=0.0),
+    image_size=config.model.get_ref("image_size"),  # shared with config.input
+    patch_size=config.model.patch_size,
+    prenet_depth=recipe["prenet"],
   )
   # Inverse block masking: 3×3 blocks around ⌊N(0.2 + 0.07)/9⌋ centres are KEPT, then single
   # patches are added or removed until exactly ⌊0.2 N⌋ are kept (spec §2.2).
   config.masking = ml_collections.ConfigDict(
     dict(num_clones=recipe["clones"], block=3, ratio=0.8, adjust=0.07, inverse=True)
   )
-  config.targets = ml_collections.ConfigDict(
-    dict(top_k=recipe["top_k"], layer_norm="instance", final_norm="layer")
-  )
+  config.targets = common.v2_targets(recipe["top_k"], final_norm="layer")
   # L2 summed over D, scaled by 1/√D (scale None), plus the CLS loss weighted 0.01.
   config.loss = ml_collections.ConfigDict(dict(scale=None, cls_weight=0.01))
-  ema_start, ema_end, anneal = recipe["ema"]
-  config.ema = ml_collections.ConfigDict(
-    dict(
-      decay=ema_start,
-      end_decay=ema_end,
-      anneal_steps=anneal,
-      teacher_params=("frontend", "encoder"),  # everything but the decoder (spec §2.3)
-      copy_params=(),
-    )
-  )
+  config.ema = common.v2_ema(
+    recipe["ema"], teacher_params=("frontend", "encoder")
+  )  # not the decoder
   config.optim.update(
     dict(
       lr=recipe["lr"],

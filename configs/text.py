@@ -88,52 +88,28 @@ def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections
   recipe = _V2_RECIPES[variant]
   config.version = 2
   dim, kernel, layers = recipe["decoder"]
-  config.model = ml_collections.ConfigDict(
-    dict(
-      variant=variant,
-      vocab_size=-1,  # the tokenizer's (set when the run starts)
-      max_positions=config.input.get_ref("max_length"),
-      pad_id=PAD,
-      prenet_depth=0,
-      dropout=0.1,
-      attention_dropout=0.1,
-      activation_dropout=0.0,
-      drop_path_rate=0.0,
-      norm_eps=1e-5,
-      mask_noise_std=0.01,
-      # 1-D conv decoder without residual, groups 1, a two-layer projection (spec §2.3).
-      decoder=dict(
-        dim=dim,
-        kernel=kernel,
-        groups=1,
-        layers=layers,
-        residual=False,
-        projection_layers=2,
-        input_dropout=0.1,
-      ),
-      dtype="float32",
-    )
+  # 1-D conv decoder without residual, groups 1, a two-layer projection (spec §2.3).
+  decoder = common.v2_decoder(
+    dim, kernel, layers, groups=1, residual=False, projection_layers=2, input_dropout=0.1
+  )
+  config.model = common.v2_model(
+    variant,
+    dropout=0.1,
+    norm_eps=1e-5,
+    decoder=decoder,
+    vocab_size=-1,  # the tokenizer's (set when the run starts)
+    max_positions=config.input.get_ref("max_length"),
+    pad_id=PAD,
   )
   # MAE random masking of 48% of the tokens (the released config; the paper says 42%).
   config.masking = ml_collections.ConfigDict(
     dict(num_clones=recipe["clones"], ratio=0.48, mask_id=-1)
   )
-  config.targets = ml_collections.ConfigDict(
-    dict(top_k=recipe["top_k"], layer_norm="instance", final_norm="none")
-  )
+  config.targets = common.v2_targets(recipe["top_k"], final_norm="none")
   config.loss = ml_collections.ConfigDict(dict(scale=1.0, cls_weight=0.0))  # L2 summed over D
-  ema_start, ema_end, anneal = recipe["ema"]
-  config.ema = ml_collections.ConfigDict(
-    dict(
-      decay=ema_start,
-      end_decay=ema_end,
-      anneal_steps=anneal,
-      # The blocks (and the context encoder's LayerNorm) are EMA'd; the embeddings are shared:
-      # the teacher encodes the student's embedding output (spec §2.3).
-      teacher_params=("encoder",),
-      copy_params=(),
-    )
-  )
+  # The blocks (and the context encoder's LayerNorm) are EMA'd; the embeddings are shared: the
+  # teacher encodes the student's embedding output (spec §2.3).
+  config.ema = common.v2_ema(recipe["ema"], teacher_params=("encoder",))
   config.optim.update(
     dict(lr=recipe["lr"], warmup_steps=recipe["warmup"], clip_norm=1.0, decay_1d=False)
   )
