@@ -119,9 +119,7 @@ def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections
   config.loss = ml_collections.ConfigDict(dict(scale=None, cls_weight=0.0))  # L2 / √D
   # EMA'd: positional conv, context LayerNorm, blocks, ALiBi scales; shared: the CNN and the
   # feature projection (the teacher reads the student's features; spec §2.3).
-  config.ema = common.v2_ema(
-    recipe["ema"], teacher_params=("relative_positions", "alibi_scale", "encoder")
-  )
+  config.ema = common.v2_ema(recipe["ema"], teacher_params=("encoder",))
   config.optim = ml_collections.ConfigDict(
     dict(
       name="adam",

@@ -44,6 +44,7 @@ from d2v_jax.data import image as image_data
 from d2v_jax.data import image_sources, sources, text_sources
 from d2v_jax.data import text as text_data
 from d2v_jax.models import audio as audio_model
+from d2v_jax.models import data2vec2
 from d2v_jax.models.data2vec import build_backbone, model_sizes
 
 RECEPTIVE_FIELD = 400  # samples behind the conv stack's first frame: shorter audio has no frame
@@ -178,9 +179,13 @@ class Extractor:
     self.dim = self.sizes["dim"]
     self.input_cfg = run_input_config(run) if input_cfg is None else input_cfg
     # A fine-tuned vision model has no final LayerNorm (its head normalises the pooled patches).
-    final_norm = not (self.modality == "image" and "head" in run.meta)
-    backbone = build_backbone(self.modality, model_cfg, final_norm=final_norm)
-    self.model = FrozenEncoder(backbone.frontend, backbone.encoder)
+    if run.meta["version"] == 2:  # data2vec 2.0: the local and context encoders
+      frontend, encoder, _ = data2vec2.build_backbone(self.modality, model_cfg)
+    else:  # a fine-tuned vision model has no final LayerNorm (its head normalises the pool)
+      final_norm = not (self.modality == "image" and "head" in run.meta)
+      backbone = build_backbone(self.modality, model_cfg, final_norm=final_norm)
+      frontend, encoder = backbone.frontend, backbone.encoder
+    self.model = FrozenEncoder(frontend, encoder)
     self._params = jax.device_put(run.params)
     self._forward = jax.jit(
       self._encode, static_argnames=("layer_ids",), compiler_options=compiler_options
@@ -194,7 +199,8 @@ class Extractor:
     outputs = [aux.get("input", tokens)] + [layer["block"] for layer in aux["layers"]]
     valid = ~token_padding[..., None]  # [B, T, 1]
     layers = jnp.stack([jnp.where(valid, outputs[i], 0).astype(jnp.float32) for i in layer_ids])
-    cls = aux["cls"].astype(jnp.float32) if "cls" in aux else None
+    cls = aux.get("cls")  # None: no CLS token (speech, text)
+    cls = None if cls is None else cls.astype(jnp.float32)
     return layers, token_padding, cls  # [L', B, T, D], [B, T], [B, D] or None
 
   def __call__(self, inputs, padding_mask=None, layers=None) -> Features:

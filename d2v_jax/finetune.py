@@ -51,6 +51,7 @@ def load_pretrained_into_config(config) -> pretrained.PretrainedRun | None:
       f"{config.modality}"
     )
   config.model = pretrained.merge_model_config(config.model, run.meta["model"])
+  config.version = run.meta["version"]  # data2vec 1.0 or 2.0: which encoder to build
   if "image_size" in config.input and config.input.image_size != config.model.image_size:
     logging.info("config.input.image_size -> %d (the model's)", config.model.image_size)
     config.input.image_size = config.model.image_size
@@ -141,7 +142,9 @@ def evaluate(predict, params, eval_set, config) -> dict:
 
 def setup(config, run):
   """(model, optimiser, schedule, make_state, fresh): `fresh()` loads the pretrained encoder."""
-  model = finetune_models.build_finetune_model(config.modality, config.model, config.head)
+  model = finetune_models.build_finetune_model(
+    config.modality, config.model, config.head, config.version
+  )
   num_layers = model_sizes(config.modality, config.model)["num_layers"]
   tx, schedule = optim.make_optimizer(config.optim, config.loop.total_steps, num_layers=num_layers)
   init_key, _, _ = train.split_seed(config.seed)

@@ -152,6 +152,9 @@ def merge_encoder(target_params, pretrained_params, groups=ENCODER_GROUPS):
   source = traverse_util.flatten_dict(pretrained_params, sep="/")
   source = _expand_shared_bias(source, target)
   wanted = [k for k in target if k.split("/")[0] in groups]
+  if "mask_emb" in target and "mask_emb" not in source:  # data2vec 2.0 pretrains without one
+    logging.info("The checkpoint has no mask embedding: the fine-tuning one starts fresh")
+    wanted.remove("mask_emb")
   missing = [k for k in wanted if k not in source]
   mismatched = [
     f"{k}: checkpoint {tuple(source[k].shape)}, model {tuple(target[k].shape)}"

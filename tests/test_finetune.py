@@ -154,3 +154,39 @@ def test_a_finetuning_checkpoint_refuses_another_head(tmp_path):
   config.head.num_outputs = 6
   with pytest.raises(ValueError, match="head.task: checkpoint has 'classify', config has 'regr"):
     ckpt.check_compatible(2)
+
+
+@pytest.mark.parametrize("modality,task", [("audio", "ctc"), ("image", "classify")])
+def test_data2vec2_encoder_fine_tunes_and_extracts(tmp_path, modality, task):
+  """A data2vec 2.0 checkpoint: the fine-tuning model takes its local and context encoders
+  (not the decoder; speech's mask embedding starts fresh), and the extractor reads it too."""
+  from d2v_jax import extract
+  from d2v_jax.models import data2vec2
+  from tests import test_v2_audio, test_v2_image
+
+  small = {"audio": test_v2_audio.small_config, "image": test_v2_image.small_config}[modality]
+  pretrain_config = small()
+  model = data2vec2.build_model(modality, pretrain_config.model)
+  inputs = {
+    "audio": (np.zeros((1, 8000), np.float32), np.zeros((1, 8000), bool)),
+    "image": (np.zeros((1, 16, 16, 3), np.float32), None),
+  }[modality]
+  params = model.init(jax.random.key(0), *inputs)["params"]
+  workdir = tmp_path / "v2_pretrain"
+  helpers.save_pretraining_checkpoint(workdir, pretrain_config, params)
+
+  config = _finetune_config(modality, task)
+  config.init.pretrained = str(workdir)
+  run = finetune.load_pretrained_into_config(config)
+  assert config.version == 2
+  config.head.num_outputs = 5
+  _, _, _, _, fresh = finetune.setup(config, run)
+  state = fresh()
+  loaded, source = helpers.flat(state.params), helpers.flat(run.params)
+  assert not any(k.startswith("decoder") for k in loaded)
+  encoder_keys = [k for k in loaded if k.split("/")[0] in ("frontend", "encoder")]
+  assert encoder_keys and all(np.array_equal(loaded[k], source[k]) for k in encoder_keys)
+  assert ("mask_emb" in loaded) == (modality == "audio") and "mask_emb" not in source
+
+  features = extract.Extractor(run)(*inputs)
+  assert features.layers.shape[0] == pretrain_config.model.num_layers + 1

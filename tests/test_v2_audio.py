@@ -45,15 +45,10 @@ def _setup():
 
 def test_tree_and_teacher_split():
   _, _, _, _, _, state = _setup()
-  assert set(state.params) == {
-    "frontend",
-    "encoder",
-    "decoder",
-    "relative_positions",
-    "alibi_scale",
-  }
-  assert set(state.teacher) == {"relative_positions", "alibi_scale", "encoder"}
-  scale = state.params["alibi_scale"]["alibi_scale"]
+  assert set(state.params) == {"frontend", "encoder", "decoder"}
+  assert {"relative_positions", "alibi_scale", "blocks"} <= set(state.params["encoder"])
+  assert set(state.teacher) == {"encoder"}  # the CNN and feature projection are shared
+  scale = state.params["encoder"]["alibi_scale"]["alibi_scale"]
   assert scale.shape == (1, 1, 4, 1, 1) and np.all(np.asarray(scale) == 1.0)  # per head, init 1
 
 

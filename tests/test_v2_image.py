@@ -137,7 +137,7 @@ def test_config_versions():
   assert image_config.get_config("").version == 1
   with pytest.raises(ValueError, match="version=3"):
     image_config.get_config("version=3")
-  with pytest.raises(NotImplementedError, match="not 'video'"):
+  with pytest.raises(NotImplementedError, match="no 'video' model"):
     data2vec2.build_model("video", small_config().model)
 
 

@@ -39,8 +39,17 @@ _PATCH_INIT = nn.initializers.variance_scaling(
 
 
 class ContextEncoder(nn.Module):
-  """Extra tokens + LayerNorm + prenet and main `AltBlock`s (fairseq's context encoder and
-  blocks). Returns (x [B, K, D] without the extra tokens, aux)."""
+  """Everything between the local encoder and the decoder (fairseq's relative positional
+  encoder, extra tokens, context encoder and blocks): tokens [B, N, D] -> (x [B, K, D] at the
+  kept positions without the extra tokens, aux). The encoder a fine-tuning model keeps.
+
+  With `keep_ids` [B, K] only those tokens are encoded (the student); None encodes them all.
+  Speech first adds its convolutional positions, computed on the whole sequence with the masked
+  frames zeroed (fairseq's `encoder_zero_mask`: kept frames learn where masked ones are, not
+  what they hold), and biases every block with ALiBi at the kept frames' ORIGINAL distances,
+  scaled per head by learned scales clamped at 0. Then the extra (CLS) tokens are prepended,
+  LayerNorm, and the prenet and main `AltBlock`s run.
+  """
 
   num_layers: int  # prenet + main
   num_heads: int
@@ -50,12 +59,30 @@ class ContextEncoder(nn.Module):
   attention_dropout: float = 0.0
   activation_dropout: float = 0.0
   drop_path_rate: float = 0.0
+  layerdrop: float = 0.0
   norm_eps: float = 1e-6
+  relative_positions: nn.Module | None = None  # speech's convolutional positions
+  alibi: bool = False  # speech: ALiBi with learned per-head scales
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, padding_mask, attention_bias=None, *, train: bool):
-    # attention_bias: [B or 1, H, K, K] (speech's ALiBi at the kept positions) or None.
+  def __call__(self, x, padding_mask, keep_ids=None, *, train: bool):
+    length = x.shape[1]
+    if self.relative_positions is not None:
+      visible = x
+      if keep_ids is not None:
+        rows = jnp.arange(x.shape[0])[:, None]
+        kept = jnp.zeros(x.shape[:2], bool).at[rows, keep_ids].set(True)  # [B, T]
+        visible = jnp.where(kept[..., None], x, 0)
+      x = x + self.relative_positions(visible, padding_mask)
+    bias = None
+    if self.alibi:
+      scale = v2_layers.AlibiScale(self.num_heads, name="alibi_scale")()[0, 0]  # [H, 1, 1]
+      bias = v2_layers.alibi_bias(self.num_heads, length) * scale  # [H, T, T]
+      bias = bias[None] if keep_ids is None else v2_layers.masked_alibi(bias, keep_ids)
+    if keep_ids is not None:
+      x = masking_v2.gather(x, keep_ids)  # [B, K, D]
+      padding_mask = masking_v2.gather(padding_mask, keep_ids)
     batch, _, dim = x.shape
     extra = self.num_extra_tokens
     if extra:  # fairseq: N(0, 1) (init_extra_token_zero false)
@@ -71,11 +98,12 @@ class ContextEncoder(nn.Module):
       activation_dropout=self.activation_dropout,
       post_mlp_dropout=self.dropout,
       end_drop_path_rate=self.drop_path_rate,
+      layerdrop=self.layerdrop,
       input_norm=True,
       norm_eps=self.norm_eps,
       dtype=self.dtype,
       name="blocks",
-    )(x, padding_mask, attention_bias, train=train)
+    )(x, padding_mask, bias, train=train)
     layers = [{name: y[:, extra:] for name, y in layer.items()} for layer in layers]
     cls = x[:, 0] if extra else None
     return x[:, extra:], {"layers": layers, "cls": cls}
@@ -91,45 +119,17 @@ class Data2Vec2(nn.Module):
   num_prenet: int = 0
   mask_noise_std: float = 0.01
   decoder_input_dropout: float = 0.0
-  # Speech: the convolutional relative positions and ALiBi with learned per-head scales.
-  relative_positions: nn.Module | None = None
-  alibi_heads: int = 0
 
   def setup(self):
     self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
-    if self.alibi_heads:
-      self.alibi_scale = v2_layers.AlibiScale(self.alibi_heads)
 
   def embed(self, inputs, padding_mask, *, train: bool):
     """Raw input -> (tokens with fixed positions [B, N, D], padding mask [B, N])."""
     return self.frontend(inputs, padding_mask, train=train)
 
   def encode(self, tokens, padding_mask, keep_ids=None, *, train: bool):
-    """The context encoder on the tokens at `keep_ids` [B, K] (None: every token).
-
-    Speech first adds its convolutional positions, computed on the whole sequence with the
-    masked frames zeroed (fairseq's `encoder_zero_mask`), so the kept frames see where masked
-    ones are without seeing them; its ALiBi bias keeps each kept frame's original distances.
-    """
-    length = tokens.shape[1]
-    if self.relative_positions is not None:
-      visible = tokens
-      if keep_ids is not None:
-        kept = (
-          jnp.zeros(tokens.shape[:2], bool)
-          .at[jnp.arange(tokens.shape[0])[:, None], keep_ids]
-          .set(True)
-        )
-        visible = jnp.where(kept[..., None], tokens, 0)  # [B, T, D]
-      tokens = tokens + self.relative_positions(visible, padding_mask)
-    bias = None
-    if self.alibi_heads:
-      bias = v2_layers.alibi_bias(self.alibi_heads, length) * self.alibi_scale()[0, 0]  # [H, T, T]
-      bias = bias[None] if keep_ids is None else v2_layers.masked_alibi(bias, keep_ids)
-    if keep_ids is not None:
-      tokens = masking_v2.gather(tokens, keep_ids)  # [B, K, D]
-      padding_mask = masking_v2.gather(padding_mask, keep_ids)
-    return self.encoder(tokens, padding_mask, bias, train=train)
+    """The context encoder on the tokens at `keep_ids` [B, K] (None: every token)."""
+    return self.encoder(tokens, padding_mask, keep_ids, train=train)
 
   def decode(self, x, mask: masking_v2.V2Mask, padding_mask=None, *, train: bool):
     """Encoder outputs at the kept positions [B, K, D] -> predictions at all N positions.
@@ -193,41 +193,53 @@ def _frontend(modality: str, model_cfg, sizes: dict, dtype) -> nn.Module:
 _EXTRA_TOKENS = {"audio": 0, "image": 1, "text": 0}
 
 
+def build_backbone(modality: str, model_cfg: ml_collections.ConfigDict):
+  """(local encoder, context encoder, width) of `modality`: what pretraining and fine-tuning
+  models share (`finetune.build_finetune_model` puts a task head on them)."""
+  if modality not in _EXTRA_TOKENS:
+    raise NotImplementedError(
+      f"data2vec 2.0 has no {modality!r} model; known: {sorted(_EXTRA_TOKENS)}"
+    )
+  sizes = model_sizes(modality, model_cfg)
+  dtype = jnp.dtype(model_cfg.dtype)
+  dim = sizes["dim"]
+  speech = modality == "audio"
+  encoder = ContextEncoder(
+    num_layers=sizes["num_layers"],
+    num_heads=sizes["num_heads"],
+    mlp_ratio=sizes["mlp_dim"] / dim,
+    num_extra_tokens=_EXTRA_TOKENS[modality],
+    # Training fields: a fine-tuning config (built on a v1 pretraining config) may lack some.
+    dropout=model_cfg.get("dropout", 0.0),
+    attention_dropout=model_cfg.get("attention_dropout", 0.0),
+    activation_dropout=model_cfg.get("activation_dropout", 0.0),
+    drop_path_rate=model_cfg.get("drop_path_rate", 0.0),
+    layerdrop=model_cfg.get("layerdrop", 0.0),
+    norm_eps=model_cfg.norm_eps,
+    relative_positions=audio.ConvPositionalEncoding(
+      sizes["pos_conv_depth"], sizes["pos_conv_kernel"], sizes["pos_conv_groups"], dtype=dtype
+    )
+    if speech
+    else None,
+    alibi=speech,
+    dtype=dtype,
+  )
+  return _frontend(modality, model_cfg, sizes, dtype), encoder, dim
+
+
 def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec2:
   """The data2vec 2.0 model of `modality` from `config.model` (version=2 configs).
 
   `num_layers` counts every block, prenet (`prenet_depth`) and main.
   """
-  if modality not in _EXTRA_TOKENS:
-    raise NotImplementedError(
-      f"data2vec 2.0 is implemented for {sorted(_EXTRA_TOKENS)} so far, not {modality!r}"
-    )
+  frontend, encoder, dim = build_backbone(modality, model_cfg)
   sizes = model_sizes(modality, model_cfg)
-  dtype = jnp.dtype(model_cfg.dtype)
-  dim = sizes["dim"]
   return Data2Vec2(
-    frontend=_frontend(modality, model_cfg, sizes, dtype),
-    encoder=ContextEncoder(
-      num_layers=sizes["num_layers"],
-      num_heads=sizes["num_heads"],
-      mlp_ratio=sizes["mlp_dim"] / dim,
-      num_extra_tokens=_EXTRA_TOKENS[modality],
-      dropout=model_cfg.dropout,
-      attention_dropout=model_cfg.attention_dropout,
-      activation_dropout=model_cfg.activation_dropout,
-      drop_path_rate=model_cfg.drop_path_rate,
-      norm_eps=model_cfg.norm_eps,
-      dtype=dtype,
-    ),
-    decoder=_decoder(modality, model_cfg.decoder, sizes, dtype),
+    frontend=frontend,
+    encoder=encoder,
+    decoder=_decoder(modality, model_cfg.decoder, sizes, jnp.dtype(model_cfg.dtype)),
     dim=dim,
     num_prenet=model_cfg.prenet_depth,
     mask_noise_std=model_cfg.mask_noise_std,
     decoder_input_dropout=model_cfg.decoder.input_dropout,
-    relative_positions=audio.ConvPositionalEncoding(
-      sizes["pos_conv_depth"], sizes["pos_conv_kernel"], sizes["pos_conv_groups"], dtype=dtype
-    )
-    if modality == "audio"
-    else None,
-    alibi_heads=sizes["num_heads"] if modality == "audio" else 0,
   )

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from d2v_jax.models import data2vec, transformer
+from d2v_jax.models import data2vec, data2vec2, transformer
 
 
 def masked_mean(x, padding_mask):
@@ -113,12 +113,17 @@ _HEADS = {
 
 
 def build_finetune_model(
-  modality: str, model_cfg: ml_collections.ConfigDict, head_cfg: ml_collections.ConfigDict
+  modality: str,
+  model_cfg: ml_collections.ConfigDict,
+  head_cfg: ml_collections.ConfigDict,
+  version: int = 1,
 ) -> FineTuneModel:
   """The fine-tuning model for `head_cfg.task` (ctc | classify | regress) and its output size.
 
   Speech keeps its mask embedding (fine-tuning masks time steps); vision leaves out the
   encoder's final LayerNorm, which BEiT's mean-pooling classifier replaces by `head/norm`.
+  `version=2`: data2vec 2.0's local and context encoders (no decoder, spec §2.3 "v2
+  fine-tuning"); speech's mask embedding then starts fresh (2.0 pretraining has none).
   """
   key = (modality, head_cfg.task)
   if key not in _HEADS:
@@ -127,11 +132,16 @@ def build_finetune_model(
   num_outputs = 1 if head_cfg.task == "regress" else head_cfg.num_outputs
   if num_outputs < 1:
     raise ValueError(f"config.head.num_outputs={head_cfg.num_outputs}: must be at least 1")
+  head = _HEADS[key](head_cfg, num_outputs)
+  speech_mask = nn.initializers.uniform(1.0) if modality == "audio" else None  # fairseq's U[0, 1)
+  if version == 2:
+    frontend, encoder, dim = data2vec2.build_backbone(modality, model_cfg)
+    return FineTuneModel(frontend, encoder, head, dim, mask_init=speech_mask)
   backbone = data2vec.build_backbone(modality, model_cfg, final_norm=modality != "image")
   return FineTuneModel(
     frontend=backbone.frontend,
     encoder=backbone.encoder,
-    head=_HEADS[key](head_cfg, num_outputs),
+    head=head,
     dim=backbone.dim,
-    mask_init=backbone.mask_init if modality == "audio" else None,
+    mask_init=speech_mask,
   )
