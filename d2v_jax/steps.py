@@ -118,10 +118,12 @@ def mask_token_ids(rng, tokens, padding_mask, config: ml_collections.ConfigDict)
 
 
 def teacher_targets(model, config, teacher_params, inputs, padding, tokens, token_padding):
-  """The teacher's normalised top-K targets [B, T, D] on the unmasked input (spec §1.3, §1.4).
+  """The teacher's normalised top-K targets [B, T, D] on the unmasked input (spec §1.3, §1.4,
+  §2.1.5), for data2vec 1.0 and 2.0 alike.
 
   A teacher that mirrors the front end (vision: the whole model) embeds the raw `inputs` itself;
-  one that mirrors only the encoder (speech) reads the student's `tokens`.
+  one that mirrors only the encoder (speech; text in 2.0) reads the student's `tokens`. A 2.0
+  model's prenet blocks (`model.num_prenet`) give no targets; its targets are FFN outputs.
   """
   if "frontend" in teacher_params:
     tokens, token_padding = model.apply(
@@ -132,10 +134,10 @@ def teacher_targets(model, config, teacher_params, inputs, padding, tokens, toke
   )
   t = config.targets
   return targets.build_targets(
-    aux["layers"],
+    aux["layers"][getattr(model, "num_prenet", 0) :],
     token_padding,
     top_k=t.top_k,
-    layer_output=t.layer_output,
+    layer_output=t.get("layer_output", "ffn"),
     layer_norm_kind=t.layer_norm,
     final_norm=t.final_norm,
   )

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from d2v_jax import losses, masking_v2, targets
+from d2v_jax import losses, masking_v2
 from d2v_jax.state import TrainState
-from d2v_jax.steps import model_inputs, update_student_and_teacher
+from d2v_jax.steps import model_inputs, teacher_targets, update_student_and_teacher
 
 
 def draw_masks(rng, batch: int, length: int, config, grid=None) -> masking_v2.V2Mask:
@@ -42,28 +42,6 @@ def draw_masks(rng, batch: int, length: int, config, grid=None) -> masking_v2.V2
     raise ValueError(f"No data2vec 2.0 masking for modality {config.modality!r}")
   mask_fn = shape.pop("mask_fn")
   return masking_v2.multi_mask(rng, mask_fn, batch, m.num_clones, ratio=m.ratio, **shape)
-
-
-def teacher_targets(model, config, teacher_params, inputs, padding, tokens, token_padding):
-  """Normalised targets [B, N, D] of the teacher on the unmasked input (spec §2.1.5).
-
-  A teacher that mirrors the local encoder (images) embeds `inputs` itself; one that does not
-  (speech: the CNN and projection, text: the embeddings are shared) encodes the student's
-  `tokens`.
-  """
-  variables = {"params": teacher_params}
-  if "frontend" in teacher_params:
-    tokens, token_padding = model.apply(variables, inputs, padding, train=False, method=model.embed)
-  _, aux = model.apply(variables, tokens, token_padding, train=False, method=model.encode)
-  t = config.targets
-  return targets.build_targets(
-    aux["layers"][model.num_prenet :],  # the main blocks only
-    token_padding,
-    top_k=t.top_k,
-    layer_output="ffn",
-    layer_norm_kind=t.layer_norm,
-    final_norm=t.final_norm,
-  )
 
 
 def cls_loss(cls_pred, y, token_padding, num_clones: int):

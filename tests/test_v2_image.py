@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from configs import image as image_config
-from d2v_jax import masking_v2, steps_v2, teacher
+from d2v_jax import masking_v2, steps, steps_v2, teacher
 from d2v_jax import state as state_lib
 from d2v_jax.models import data2vec2
 
@@ -85,7 +85,7 @@ def test_teacher_targets_are_normalised_and_shared_by_the_clones():
   instance-normalised average; the step compares clone j of image i with image i's targets."""
   config, model, _, images, state = _setup()
   # The image teacher embeds with its own patch embedding: no student tokens needed.
-  y = steps_v2.teacher_targets(model, config, state.teacher, images, None, None, None)
+  y = steps.teacher_targets(model, config, state.teacher, images, None, None, None)
   assert y.shape == (4, 16, 32)
   np.testing.assert_allclose(np.mean(np.asarray(y), -1), 0.0, atol=1e-5)
   np.testing.assert_allclose(np.std(np.asarray(y), -1), 1.0, atol=1e-3)

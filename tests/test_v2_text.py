@@ -14,7 +14,7 @@ import optax
 
 from configs import text as text_config
 from d2v_jax import state as state_lib
-from d2v_jax import steps_v2
+from d2v_jax import steps, steps_v2
 from d2v_jax.models import data2vec2
 
 VOCAB, LENGTH = 50, 12
@@ -73,9 +73,9 @@ def test_teacher_encodes_the_students_embeddings():
   tokens, padding = model.apply(
     variables, batch["tokens"], batch["padding_mask"], train=False, method=model.embed
   )
-  y = steps_v2.teacher_targets(model, config, state.teacher, None, None, tokens, padding)
+  y = steps.teacher_targets(model, config, state.teacher, None, None, tokens, padding)
   assert y.shape == (3, LENGTH, 32)
-  other = steps_v2.teacher_targets(model, config, state.teacher, None, None, tokens * 2, padding)
+  other = steps.teacher_targets(model, config, state.teacher, None, None, tokens * 2, padding)
   assert not np.allclose(y, other)
 
 

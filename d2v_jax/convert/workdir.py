@@ -20,6 +20,7 @@ fine-tuned model with its head) as `config.json` + `model.safetensors` for
 """
 
 import dataclasses
+import importlib
 import json
 import pathlib
 import shutil
@@ -90,8 +91,6 @@ def _fairseq_parts(ckpt: dict, src: pathlib.Path):
 
 def run_config(imported: hf.Imported) -> ml_collections.ConfigDict:
   """The full config of a run with the imported model: pretraining, or the head's fine-tuning."""
-  import importlib
-
   if imported.head_cfg is None:
     name, arg = imported.modality, ""
   else:
