@@ -107,8 +107,8 @@ def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections
   )
   config.targets = common.v2_targets(recipe["top_k"], final_norm="none")
   config.loss = ml_collections.ConfigDict(dict(scale=1.0, cls_weight=0.0))  # L2 summed over D
-  # The blocks (and the context encoder's LayerNorm) are EMA'd; the embeddings are shared: the
-  # teacher encodes the student's embedding output (spec §2.3).
+  # The blocks are EMA'd (text has no context-encoder LayerNorm without prenet blocks); the
+  # embeddings are shared: the teacher encodes the student's embedding output (spec §2.3).
   config.ema = common.v2_ema(recipe["ema"], teacher_params=("encoder",))
   config.optim.update(
     dict(lr=recipe["lr"], warmup_steps=recipe["warmup"], clip_norm=1.0, decay_1d=False)

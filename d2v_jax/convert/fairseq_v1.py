@@ -9,7 +9,7 @@ theirs. Pure numpy: torch is never imported; loading the `.pt` file is the calle
 - `to_hf`: a checkpoint's `model` dict (+ its model config) -> `HFNamed`: HF-named arrays, the HF
   config dict, the EMA teacher in HF names, and every key that was not carried over with the
   reason. A key that is neither mapped nor known to be droppable raises `common.ConversionError`
-  listing all of them (data2vec 2.0 checkpoints, `modality_encoders.*`, are not supported yet).
+  listing all of them (data2vec 2.0 checkpoints, `modality_encoders.*`, are `fairseq_v2`'s).
 
 Layouts covered (read from the fairseq and data2vec_vision code, spec §4; checked against
 synthetic state dicts by name and shape only, not against the released files):
@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from d2v_jax.convert import common, hf_audio, hf_image, hf_text
+from d2v_jax.convert import fairseq_common as fs
 
 MODALITIES = ("audio", "image", "text")
 TASKS = ("pretrain", "ctc", "classify")
@@ -76,9 +77,6 @@ _PREFIXES = {
   "image": hf_image.TASK_MODEL_PREFIX,
   "text": hf_text.TASK_MODEL_PREFIX,
 }
-
-# Attention heads of the released models by width, when no config says (spec §1.1).
-_RELEASED_HEADS = {768: 12, 1024: 16}
 
 # The audio CNN of every released model (fairseq's default `conv_feature_layers`).
 _RELEASED_CONV_KERNELS = (10, 3, 3, 3, 3, 2, 2)
@@ -99,8 +97,8 @@ _HF_AUDIO_DEFAULTS = dict(
 )
 
 _V2_HINT = (
-  "hint: `modality_encoders.*` keys belong to a data2vec 2.0 checkpoint; importing data2vec 2.0 "
-  "is not supported yet (it lands with a later issue)"
+  "hint: `modality_encoders.*` keys belong to a data2vec 2.0 checkpoint: convert it with "
+  "`fairseq_v2.from_fairseq` (`python -m d2v_jax.convert import` picks it by itself)"
 )
 _HF_HINT = (
   "hint: these are already HF names; use d2v_jax.convert.hf_audio / hf_image / hf_text directly"
@@ -385,23 +383,6 @@ def _rename(modality: str, state_dict: Mapping[str, Any]) -> _Renamed:
   return out
 
 
-def _split_ema(state_dict: Mapping[str, Any], ema_key: str) -> tuple[dict, dict | None]:
-  """(the model dict without the EMA, the EMA dict or None).
-
-  fairseq stores the EMA as one entry holding a dict; a flattened `<ema_key>.<name>` layout is
-  accepted too.
-  """
-  model, ema = {}, None
-  for key, value in state_dict.items():
-    if ema_key and key == ema_key:
-      ema = {**(ema or {}), **dict(value)}
-    elif ema_key and key.startswith(ema_key + "."):
-      ema = {**(ema or {}), key[len(ema_key) + 1 :]: value}
-    else:
-      model[key] = value
-  return model, ema
-
-
 def _ema_model_names(modality: str, ema: Mapping[str, Any]) -> dict[str, str]:
   """EMA key -> its name in the model dict.
 
@@ -435,58 +416,11 @@ def _rename_ema(modality: str, ema: Mapping[str, Any]) -> tuple[dict, list, list
 # ----------------------------------------------------------------------------- configs
 
 
-def _as_dict(cfg: Any) -> dict:
-  """A config (mapping, argparse Namespace or None) as a plain dict."""
-  if cfg is None:
-    return {}
-  if isinstance(cfg, Mapping):
-    return dict(cfg)
-  return dict(vars(cfg))
-
-
-def _child(node: Any, name: str) -> Any:
-  """`node[name]` of a mapping or Namespace; None if absent or `node` is neither."""
-  if isinstance(node, Mapping) or hasattr(node, "__dict__"):
-    return _as_dict(node).get(name)
-  return None
-
-
-def _lookup(cfg: Mapping[str, Any], *paths: str, default=None):
-  """The value of the first of the dotted `paths` that is set (not None) in `cfg`, else
-  `default`."""
-  for path in paths:
-    node = cfg
-    for name in path.split("."):
-      node = _child(node, name)
-    if node is not None:
-      return node
-  return default
-
-
-def _count(state_dict: Mapping[str, Any], pattern: str) -> int:
-  """How many distinct indices `pattern` (with one `(\\d+)` group) matches among the keys."""
-  compiled = re.compile(pattern)
-  return len({m.group(1) for k in state_dict if (m := compiled.fullmatch(k))})
-
-
 def _shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
   """The shape of `state_dict[key]` (HF name); a missing key is a ConversionError."""
   if key not in state_dict:
     raise common.ConversionError(f"the checkpoint lacks what HF calls {key!r}")
   return tuple(np.shape(state_dict[key]))
-
-
-def _heads(cfg: Mapping[str, Any], dim: int, *paths: str) -> int:
-  """Attention heads from the config, else the released models' count for `dim`."""
-  heads = _lookup(cfg, *paths)
-  if heads is not None:
-    return int(heads)
-  if dim not in _RELEASED_HEADS:
-    raise common.ConversionError(
-      f"The number of attention heads is not stored in the weights and width {dim} is not a "
-      f"released model's ({sorted(_RELEASED_HEADS)}): pass the checkpoint's model config as cfg"
-    )
-  return _RELEASED_HEADS[dim]
 
 
 class _ConvLayers(ast.NodeVisitor):
@@ -521,7 +455,7 @@ class _ConvLayers(ast.NodeVisitor):
 def _conv_strides(cfg: Mapping[str, Any], kernels: tuple[int, ...]) -> tuple[int, ...]:
   """The CNN strides: from `conv_feature_layers` [(dim, kernel, stride), ...], else the released
   ones (strides are not stored in the weights)."""
-  spec = _lookup(cfg, "conv_feature_layers")
+  spec = fs.lookup(cfg, "conv_feature_layers")
   if spec is not None:
     layers = _ConvLayers().visit(ast.parse(spec, mode="eval"))
     if tuple(k for _, k, _ in layers) != kernels:
@@ -537,51 +471,38 @@ def _conv_strides(cfg: Mapping[str, Any], kernels: tuple[int, ...]) -> tuple[int
   return _RELEASED_CONV_STRIDES
 
 
-def _model_cfg(cfg: Any) -> dict:
-  """The model config as a dict: `cfg` itself, or the `model` part of a whole fairseq config."""
-  cfg = _as_dict(cfg)
-  whole = isinstance(cfg.get("model"), Mapping) and "task" in cfg
-  return _as_dict(cfg["model"]) if whole else cfg
-
-
-def _encoder_cfg(cfg: Mapping[str, Any]) -> dict:
-  """The pretraining model config: a CTC model's `w2v_args` (its `model` part), else `cfg`."""
-  w2v_args = cfg.get("w2v_args")
-  return _model_cfg(w2v_args) if w2v_args is not None else dict(cfg)
-
-
 def _audio_config(base: Mapping[str, Any], heads: Mapping[str, Any], cfg: dict, task: str) -> dict:
   """Data2VecAudioConfig fields for the renamed `base` (+ `heads`), as HF's conversion sets them.
 
   Sizes come from the shapes; heads, strides, dropouts and masking from the config (for a CTC
   model, the fine-tuning config overrides the encoder's, as fairseq's `Wav2VecEncoder` does).
   """
-  encoder_cfg = _encoder_cfg(cfg)
+  encoder_cfg = fs.encoder_cfg(cfg)
   fine_tuning_cfg = cfg if task == "ctc" else {}
-  conv_layers = _count(base, r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight")
+  conv_layers = fs.count_indices(base, r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight")
   conv_shapes = [
     _shape(base, f"feature_extractor.conv_layers.{j}.conv.weight") for j in range(conv_layers)
   ]
   kernels = tuple(s[2] for s in conv_shapes)
   dim = _shape(base, "feature_projection.projection.weight")[0]
-  pos_layers = _count(base, r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.weight")
+  pos_layers = fs.count_indices(base, r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.weight")
   pos_shape = _shape(base, "encoder.pos_conv_embed.layers.0.conv.weight")  # [D, D/groups, k]
 
   def setting(hf_name, *fairseq_names):
-    value = _lookup(fine_tuning_cfg, *fairseq_names)
-    value = _lookup(encoder_cfg, *fairseq_names) if value is None else value
+    value = fs.lookup(fine_tuning_cfg, *fairseq_names)
+    value = fs.lookup(encoder_cfg, *fairseq_names) if value is None else value
     return _HF_AUDIO_DEFAULTS[hf_name] if value is None else value
 
   config = dict(
     model_type="data2vec-audio",
     hidden_size=dim,
-    num_hidden_layers=_count(base, r"encoder\.layers\.(\d+)\.attention\.q_proj\.weight"),
-    num_attention_heads=_heads(encoder_cfg, dim, "encoder_attention_heads"),
+    num_hidden_layers=fs.count_indices(base, r"encoder\.layers\.(\d+)\.attention\.q_proj\.weight"),
+    num_attention_heads=fs.num_heads(encoder_cfg, dim, "encoder_attention_heads"),
     intermediate_size=_shape(base, "encoder.layers.0.feed_forward.intermediate_dense.weight")[0],
     hidden_act="gelu",
     feat_extract_activation="gelu",
     layer_norm_eps=1e-5,  # PyTorch's default, fairseq's LayerNorms
-    do_stable_layer_norm=bool(_lookup(encoder_cfg, "layer_norm_first", default=False)),
+    do_stable_layer_norm=bool(fs.lookup(encoder_cfg, "layer_norm_first", default=False)),
     conv_dim=[s[0] for s in conv_shapes],
     conv_kernel=list(kernels),
     conv_stride=list(_conv_strides(encoder_cfg, kernels)),
@@ -604,7 +525,9 @@ def _audio_config(base: Mapping[str, Any], heads: Mapping[str, Any], cfg: dict, 
     mask_feature_length=("mask_channel_length",),
   )
   for hf_name, fairseq_names in masking.items():
-    config[hf_name] = _lookup(fine_tuning_cfg, *fairseq_names, default=_HF_AUDIO_DEFAULTS[hf_name])
+    config[hf_name] = fs.lookup(
+      fine_tuning_cfg, *fairseq_names, default=_HF_AUDIO_DEFAULTS[hf_name]
+    )
   if task == "ctc":
     config["vocab_size"] = _shape(heads, "lm_head.weight")[0]
   return config
@@ -617,8 +540,10 @@ def _text_config(base: Mapping[str, Any], heads: Mapping[str, Any], cfg: dict, t
     model_type="data2vec-text",
     vocab_size=vocab,
     hidden_size=dim,
-    num_hidden_layers=_count(base, r"encoder\.layer\.(\d+)\.attention\.self\.query\.weight"),
-    num_attention_heads=_heads(
+    num_hidden_layers=fs.count_indices(
+      base, r"encoder\.layer\.(\d+)\.attention\.self\.query\.weight"
+    ),
+    num_attention_heads=fs.num_heads(
       cfg, dim, "transformer.encoder.attention_heads", "encoder_attention_heads"
     ),
     intermediate_size=_shape(base, "encoder.layer.0.intermediate.dense.weight")[0],
@@ -630,8 +555,8 @@ def _text_config(base: Mapping[str, Any], heads: Mapping[str, Any], cfg: dict, t
     bos_token_id=0,
     eos_token_id=2,
     position_embedding_type="absolute",
-    hidden_dropout_prob=_lookup(cfg, "transformer.dropout", "dropout", default=0.1),
-    attention_probs_dropout_prob=_lookup(
+    hidden_dropout_prob=fs.lookup(cfg, "transformer.dropout", "dropout", default=0.1),
+    attention_probs_dropout_prob=fs.lookup(
       cfg, "transformer.attention_dropout", "attention_dropout", default=0.1
     ),
   )
@@ -669,13 +594,13 @@ def _vision_config(base: Mapping[str, Any], heads: Mapping[str, Any], cfg: dict,
   rows, num_heads = _shape(base, table)
   dim, channels, patch, _ = _shape(base, "embeddings.patch_embeddings.projection.weight")
   # Only whether it is > 0 matters (lambda_1/lambda_2 exist); the weights overwrite the value.
-  layer_scale = float(_lookup(cfg, "layer_scale_init_value", default=0.1))
+  layer_scale = float(fs.lookup(cfg, "layer_scale_init_value", default=0.1))
   if "encoder.layer.0.lambda_1" not in base:
     layer_scale = 0.0
   config = dict(
     model_type="data2vec-vision",
     hidden_size=dim,
-    num_hidden_layers=_count(base, r"encoder\.layer\.(\d+)\.layernorm_before\.weight"),
+    num_hidden_layers=fs.count_indices(base, r"encoder\.layer\.(\d+)\.layernorm_before\.weight"),
     num_attention_heads=num_heads,
     intermediate_size=_shape(base, "encoder.layer.0.intermediate.dense.weight")[0],
     hidden_act="gelu",
@@ -689,9 +614,9 @@ def _vision_config(base: Mapping[str, Any], heads: Mapping[str, Any], cfg: dict,
     use_relative_position_bias=per_layer in base,
     use_mean_pooling="pooler.layernorm.weight" in base,
     layer_scale_init_value=layer_scale,
-    hidden_dropout_prob=float(_lookup(cfg, "drop", default=0.0)),
-    attention_probs_dropout_prob=float(_lookup(cfg, "attn_drop_rate", default=0.0)),
-    drop_path_rate=float(_lookup(cfg, "drop_path", default=0.1)),
+    hidden_dropout_prob=float(fs.lookup(cfg, "drop", default=0.0)),
+    attention_probs_dropout_prob=float(fs.lookup(cfg, "attn_drop_rate", default=0.0)),
+    drop_path_rate=float(fs.lookup(cfg, "drop_path", default=0.1)),
   )
   if task == "classify":
     config["num_labels"] = _shape(heads, "classifier.weight")[0]
@@ -759,9 +684,9 @@ def to_hf(state_dict: Mapping[str, Any], cfg: Mapping[str, Any] | None = None) -
       classification heads, or sizes that neither the shapes nor `cfg` determine.
   """
   modality = detect_modality(state_dict)
-  cfg = _model_cfg(cfg)
+  cfg = fs.model_cfg(cfg)
   layout = _LAYOUTS[modality]
-  model_dict, ema = _split_ema(state_dict, layout.ema_key)
+  model_dict, ema = fs.split_ema(state_dict, layout.ema_key)
   renamed = _rename(modality, model_dict)
   teacher, ema_unknown = None, []
   if ema is not None:

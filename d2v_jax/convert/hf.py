@@ -50,13 +50,19 @@ _DROPPED_KEYS = {"text": ("pooler.dense.weight", "pooler.dense.bias")}
 
 @dataclasses.dataclass(frozen=True)
 class Imported:
-  """A converted HF checkpoint: our model config, head config (None: a base model) and params."""
+  """A converted checkpoint: our model config, head config (None: a base model) and params.
+
+  HF and data2vec 1.0 checkpoints give `version` 1; `fairseq_v2` gives data2vec 2.0 models, with
+  the EMA teacher's leaves in `teacher` when the checkpoint has one.
+  """
 
   modality: str
   model_cfg: ml_collections.ConfigDict
   head_cfg: ml_collections.ConfigDict | None
   params: dict
-  dropped: tuple[str, ...]  # HF keys not carried over, each with the reason
+  dropped: tuple[str, ...]  # source keys not carried over, each with the reason
+  version: int = 1
+  teacher: dict | None = None  # {path tuple in our tree: array}; None: no EMA teacher
 
 
 def modality_of(hf_config: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Converted checkpoints as d2v-jax work directories, and work directories back to HF (issue 6).
 
-`import_checkpoint(src, out_dir)` reads an HF model directory or a fairseq / BEiT `.pt` file and
-writes a work directory that every entry point reads:
+`import_checkpoint(src, out_dir)` reads an HF model directory or a fairseq / BEiT `.pt` file
+(data2vec 1.0, or 2.0 into our `version=2` models) and writes a work directory that every entry
+point reads:
   out_dir/checkpoints/0/   the train state (orbax) and its self-description, as a run writes them
   out_dir/config.json      the run's full config: the modality's pretraining config, or the
                            task's fine-tuning config, at the checkpoint's sizes
@@ -33,7 +34,7 @@ from absl import logging
 
 from d2v_jax import checkpoint, ctc, optim, pretrained, teacher
 from d2v_jax import state as state_lib
-from d2v_jax.convert import common, fairseq_v1, files, hf
+from d2v_jax.convert import common, fairseq_v1, fairseq_v2, files, hf
 from d2v_jax.data import tokenizer as tokenizer_lib
 from d2v_jax.models import data2vec
 
@@ -47,32 +48,42 @@ _FINETUNE_CONFIGS = {
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "dict.txt")
 
 
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """A checkpoint read from disk, in HF names: what `hf.from_hf` converts."""
+def read_source(src: str | pathlib.Path, *, seed: int = 0) -> tuple[hf.Imported, str]:
+  """(our model converted from `src`, what `src` was: "hf" | "fairseq" | "fairseq-v2").
 
-  state_dict: dict
-  hf_config: dict
-  teacher: dict | None  # HF base-model names; None: no EMA teacher in the checkpoint
-  dropped: tuple[str, ...]  # keys of the original file not carried over, with reasons
-  kind: str  # "hf" | "fairseq"
-
-
-def read_source(src: str | pathlib.Path) -> Source:
-  """An HF model directory, or a fairseq / BEiT PyTorch file (renamed to HF names)."""
+  `src` is an HF model directory, or a fairseq / BEiT PyTorch file: data2vec 2.0 files map onto
+  our 2.0 models (`fairseq_v2`), data2vec 1.0 ones are renamed to HF names first (`fairseq_v1`).
+  The result's `teacher` holds the checkpoint's EMA teacher where it has one.
+  """
   src = pathlib.Path(src).expanduser()
   if not src.exists():
     raise FileNotFoundError(f"{src} does not exist")
   if src.is_dir():
     state_dict, hf_config = files.load_hf_dir(src)
-    return Source(state_dict, hf_config, None, (), "hf")
+    return hf.from_hf(state_dict, hf_config, seed=seed), "hf"
   ckpt = files.load_torch_file(src)
   model_dict, cfg, ema = _fairseq_parts(ckpt, src)
+  if fairseq_v2.is_v2(model_dict):
+    return fairseq_v2.from_fairseq(model_dict, cfg, seed=seed), "fairseq-v2"
   named = fairseq_v1.to_hf(model_dict, cfg)
   teacher_dict = named.teacher
   if ema is not None:  # BEiT keeps its EMA as a whole second model
     teacher_dict = fairseq_v1.to_hf(ema, cfg).state_dict
-  return Source(named.state_dict, named.hf_config, teacher_dict, named.dropped, "fairseq")
+  imported = hf.from_hf(named.state_dict, named.hf_config, seed=seed)
+  teacher = _hf_teacher_leaves(imported.modality, teacher_dict, named.hf_config)
+  dropped = (*named.dropped, *imported.dropped)
+  return dataclasses.replace(imported, dropped=dropped, teacher=teacher), "fairseq"
+
+
+def _hf_teacher_leaves(modality: str, teacher_dict: dict | None, hf_config: dict) -> dict | None:
+  """An EMA teacher in HF base-model names -> its leaves in our tree ({path tuple: array})."""
+  if not teacher_dict:
+    return None
+  table = hf.MODALITY_CONVERTERS[modality].expected_keys(common.config_dict(hf_config))
+  unknown = sorted(k for k in teacher_dict if k not in table)
+  if unknown:
+    raise common.ConversionError("EMA teacher keys with no counterpart: " + ", ".join(unknown))
+  return common.convert(teacher_dict, table)
 
 
 def _fairseq_parts(ckpt: dict, src: pathlib.Path):
@@ -96,48 +107,50 @@ def run_config(imported: hf.Imported) -> ml_collections.ConfigDict:
   else:
     key = (imported.modality, imported.head_cfg.task)
     name, arg = _FINETUNE_CONFIGS[key]
+  if imported.version == 2 and imported.head_cfg is None:
+    arg = "version=2"
   module = importlib.import_module(f"configs.{name}")
   variant = imported.model_cfg.variant
   try:
     config = module.get_config(",".join(filter(None, (f"variant={variant}", arg))))
   except ValueError:  # e.g. no text-large recipe: the base recipe, at the checkpoint's sizes
     config = module.get_config(",".join(filter(None, ("variant=base", arg))))
-  config.model.update(imported.model_cfg.to_dict())
+  if imported.version == 2 and imported.head_cfg is not None:
+    # A fine-tuning config is built on data2vec 1.0's model: take the 2.0 encoder's fields as
+    # fine-tuning from a 2.0 run does, keeping this config's training fields (dropouts).
+    config.version = 2
+    config.model = pretrained.merge_model_config(config.model, imported.model_cfg.to_dict())
+  else:
+    config.model.update(imported.model_cfg.to_dict())
   if imported.head_cfg is not None:
     config.head.update(imported.head_cfg.to_dict())
+  # Targets come from the main blocks (data2vec 2.0's prenet blocks are not among them).
   num_layers = data2vec.model_sizes(config.modality, config.model)["num_layers"]
-  if (
-    "targets" in config and config.targets.top_k > num_layers
-  ):  # a shallower model than the recipe's
+  num_layers -= config.model.get("prenet_depth", 0)
+  if "targets" in config and config.targets.top_k > num_layers:  # shallower than the recipe's
     logging.info("targets.top_k %d -> %d (the model's blocks)", config.targets.top_k, num_layers)
     config.targets.top_k = num_layers
   return config
 
 
-def _teacher(config, student: dict, source_teacher: dict | None, hf_config: dict) -> tuple:
-  """(the EMA teacher tree, where it came from): the checkpoint's EMA over a student copy."""
+def _teacher(config, student: dict, leaves: dict | None) -> tuple:
+  """(the EMA teacher tree, where it came from): the checkpoint's EMA leaves over a student copy."""
   names = tuple(config.ema.teacher_params)
   tree = teacher.init_teacher(student, names)
-  if not source_teacher:
+  if not leaves:
     return tree, "a copy of the student (the checkpoint has no EMA teacher)"
-  converter = hf.MODALITY_CONVERTERS[config.modality]
-  table = converter.expected_keys(common.config_dict(hf_config))
-  unknown = sorted(k for k in source_teacher if k not in table)
-  if unknown:
-    raise common.ConversionError("EMA teacher keys with no counterpart: " + ", ".join(unknown))
   flat = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
-  converted = common.convert(source_teacher, table)
   paths = {tuple(k.key for k in path): path for path in flat}
-  outside = sorted("/".join(p) for p in converted if p not in paths)
+  outside = sorted("/".join(p) for p in leaves if p not in paths)
   if outside:
     raise common.ConversionError("EMA teacher leaves outside our teacher: " + ", ".join(outside))
-  filled = {paths[p]: np.asarray(v) for p, v in converted.items()}
-  leaves = [filled.get(path, value) for path, value in flat.items()]
-  tree = jax.tree_util.tree_unflatten(jax.tree.structure(tree), leaves)
+  filled = {paths[p]: np.asarray(v) for p, v in leaves.items()}
+  leaves_out = [filled.get(path, value) for path, value in flat.items()]
+  tree = jax.tree_util.tree_unflatten(jax.tree.structure(tree), leaves_out)
   return tree, f"the checkpoint's EMA ({len(filled)} of {len(flat)} leaves; the rest copied)"
 
 
-def _state(config, imported: hf.Imported, source: Source) -> tuple:
+def _state(config, imported: hf.Imported) -> tuple:
   """(train state at step 0 with a fresh optimiser, where the teacher came from)."""
   num_layers = data2vec.model_sizes(config.modality, config.model)["num_layers"]
   params = jax.tree.map(np.asarray, imported.params)
@@ -146,7 +159,7 @@ def _state(config, imported: hf.Imported, source: Source) -> tuple:
     ema_tree, origin = None, "none (a fine-tuned model)"
   else:
     tx, _ = optim.make_optimizer(config.optim, config.loop.total_steps)
-    ema_tree, origin = _teacher(config, params, source.teacher, source.hf_config)
+    ema_tree, origin = _teacher(config, params, imported.teacher)
   state = state_lib.TrainState(
     step=np.zeros((), np.int32), params=params, teacher=ema_tree, opt_state=tx.init(params)
   )
@@ -194,10 +207,9 @@ def import_checkpoint(src, out_dir, *, seed: int = 0) -> dict:
     raise FileExistsError(
       f"{out_dir} already holds checkpoints; choose an empty directory (nothing was written)"
     )
-  source = read_source(src)
-  imported = hf.from_hf(source.state_dict, source.hf_config, seed=seed)
+  imported, kind = read_source(src, seed=seed)
   config = run_config(imported)
-  state, teacher_origin = _state(config, imported, source)
+  state, teacher_origin = _state(config, imported)
   written = _copy_side_files(src, out_dir, config, imported)
   ckpt = checkpoint.Checkpointer(out_dir, config, keep=config.loop.keep_checkpoints)
   ckpt.save(0, state)
@@ -206,13 +218,14 @@ def import_checkpoint(src, out_dir, *, seed: int = 0) -> dict:
   (out_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   report = {
     "source": str(src.resolve()),
-    "source_kind": source.kind,
+    "source_kind": kind,
     "modality": imported.modality,
+    "version": imported.version,
     "mode": config.mode,
     "head": imported.head_cfg.to_dict() if imported.head_cfg is not None else None,
     "model": imported.model_cfg.to_dict(),
     "teacher": teacher_origin,
-    "dropped": [*source.dropped, *imported.dropped],
+    "dropped": list(imported.dropped),
     "files": ["checkpoints/0", "config.json", *written],
   }
   (out_dir / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")

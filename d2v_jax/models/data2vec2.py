@@ -48,7 +48,10 @@ class ContextEncoder(nn.Module):
   frames zeroed (fairseq's `encoder_zero_mask`: kept frames learn where masked ones are, not
   what they hold), and biases every block with ALiBi at the kept frames' ORIGINAL distances,
   scaled per head by learned scales clamped at 0. Then the extra (CLS) tokens are prepended,
-  LayerNorm, and the prenet and main `AltBlock`s run.
+  LayerNorm (`input_norm`), and the prenet and main `AltBlock`s run.
+
+  fairseq's context encoder has that LayerNorm for speech and images, but for text only with
+  prenet blocks (`text.py`): text's embeddings end in their own LayerNorm.
   """
 
   num_layers: int  # prenet + main
@@ -61,6 +64,7 @@ class ContextEncoder(nn.Module):
   drop_path_rate: float = 0.0
   layerdrop: float = 0.0
   norm_eps: float = 1e-6
+  input_norm: bool = True
   relative_positions: nn.Module | None = None  # speech's convolutional positions
   alibi: bool = False  # speech: ALiBi with learned per-head scales
   dtype: jnp.dtype = jnp.float32
@@ -99,7 +103,7 @@ class ContextEncoder(nn.Module):
       post_mlp_dropout=self.dropout,
       end_drop_path_rate=self.drop_path_rate,
       layerdrop=self.layerdrop,
-      input_norm=True,
+      input_norm=self.input_norm,
       norm_eps=self.norm_eps,
       dtype=self.dtype,
       name="blocks",
@@ -216,6 +220,7 @@ def build_backbone(modality: str, model_cfg: ml_collections.ConfigDict):
     drop_path_rate=model_cfg.get("drop_path_rate", 0.0),
     layerdrop=model_cfg.get("layerdrop", 0.0),
     norm_eps=model_cfg.norm_eps,
+    input_norm=modality != "text" or model_cfg.get("prenet_depth", 0) > 0,
     relative_positions=audio.ConvPositionalEncoding(
       sizes["pos_conv_depth"], sizes["pos_conv_kernel"], sizes["pos_conv_groups"], dtype=dtype
     )

@@ -155,8 +155,8 @@ def drop_path_rates(start: float, end: float, num_layers: int) -> list[float]:
 class AltEncoder(nn.Module):
   """A stack of AltBlocks: fairseq's BlockEncoder (context encoder) or the main v2 blocks.
 
-  `input_norm=True` is the context encoder's LayerNorm on its input (`context_encoder.norm`,
-  present whenever `layer_norm_first=False`, even with zero prenet blocks as in audio base);
+  `input_norm=True` is the context encoder's LayerNorm on its input (`context_encoder.norm`:
+  speech and images always, even with zero prenet blocks as in audio base; text only with some);
   then `input_dropout` (`prenet_dropout`, or the main stack's `dropout_input`). No final norm.
   LayerDrop skips a block with probability `layerdrop`, one draw per block and batch, as a
   select under jit.
