@@ -10,6 +10,13 @@
         --config.init.pretrained=runs/audio_tiny
 
 `--config.<group>.<field>=value` overrides any config value; unknown fields are an error.
+
+Several processes (one per host, or several on one machine) run the same command and join
+through `jax.distributed` (README "Scaling", launch/):
+
+    python main.py --multi_host ...                     # Cloud TPU VM / pod: found by itself
+    srun python main.py ...                             # SLURM: detected from SLURM_* variables
+    python main.py --coordinator_address=host0:1234 --num_processes=2 --process_id=0 ...
 """
 
 import os
@@ -20,7 +27,18 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); resumed.")
 _MULTI_HOST = flags.DEFINE_bool(
-  "multi_host", False, "Call jax.distributed.initialize() (TPU pods, SLURM GPU jobs)."
+  "multi_host",
+  False,
+  "Call jax.distributed.initialize() and let it find the cluster (Cloud TPU VMs and pods, "
+  "SLURM, Open MPI, Kubernetes).",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0's coordinator (multi-process runs)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 … N-1.")
+_LOCAL_DEVICES = flags.DEFINE_list(
+  "local_device_ids", None, "Devices this process uses (e.g. one GPU per process: 0)."
 )
 
 
@@ -35,6 +53,38 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def init_distributed() -> None:
+  """Joins the other processes (when launched that way) and logs where this process stands;
+  processes other than 0 log warnings and errors only from then on."""
+  import jax
+
+  from d2v_jax import sharding
+
+  launch = sharding.distributed_init_args(
+    coordinator_address=_COORDINATOR.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
+    local_device_ids=_LOCAL_DEVICES.value,
+    multi_host=_MULTI_HOST.value,
+    environ=os.environ,
+  )
+  if launch is not None:
+    how, kwargs = launch
+    logging.info("jax.distributed.initialize(%s): %s", kwargs or "", how)
+    jax.distributed.initialize(**kwargs)
+  logging.info(
+    "Process %d of %d; %d local devices %s; %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    [d.id for d in jax.local_devices()],
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+
+
 def default_run_name(config) -> str:
   """runs/<modality>_<variant> for pretraining, runs/<modality>_<task>_<variant> for fine-tuning."""
   task = f"_{config.head.task}" if config.mode == "finetune" else ""
@@ -46,8 +96,7 @@ def main(argv):
   quiet_library_logs()
   import jax  # after flag parsing, so XLA_FLAGS set by launchers apply
 
-  if _MULTI_HOST.value:
-    jax.distributed.initialize()
+  init_distributed()
   jax.config.update("jax_threefry_partitionable", True)
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", default_run_name(config))

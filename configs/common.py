@@ -110,6 +110,11 @@ def loop_config(total_steps: int) -> ml_collections.ConfigDict:
       min_target_std=0.1,
       min_pred_std=0.01,
       progress_bar=True,
+      # The device mesh (d2v_jax/sharding.py): `fsdp` devices share each large state array
+      # (student, teacher, Adam moments), the other axis is data parallel; 1 = pure data
+      # parallelism. Arrays under `fsdp_min_mb` MiB stay replicated.
+      fsdp=1,
+      fsdp_min_mb=4.0,
     )
   )
 

@@ -9,10 +9,21 @@ One orbax `CheckpointManager` step holds three items:
 
 orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact. The loop never saves a non-finite state.
+
+Multi-host (issue 9): every process calls `save` and `restore`. orbax writes each
+array's shards from the processes that hold them and the JSON `meta` from process 0 only; the
+data position is one small JSON file per process. A restore reads the arrays straight into the
+target's shardings (`abstract_state(..., sharding=...)`), so a checkpoint written under one mesh
+(say 2 processes x 2 devices with fsdp=2) restores under another (1 device, fsdp=1). The data
+position is the index of the next global batch, the same on every process (each process loads
+its rows of that batch), so a process count the checkpoint was not written with reads process 0's.
 """
 
+import dataclasses
 import json
 import pathlib
+import re
+from typing import Any
 
 import grain
 import jax
@@ -73,6 +84,41 @@ TRAINING_ONLY_MODEL_FIELDS = (
 FINETUNE_LAYOUT_FIELDS = ("relative_bias",)
 
 
+class DataPositionHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler, restoring across process counts.
+
+  grain names its file `process_<i>-of-<n>.json` and refuses another `n`; the iterators here walk
+  global batch indices (`batching.endless_batches`), so every process saved the same position
+  and any of the files serves any process.
+  """
+
+  def restore(self, directory, item=None, args=None):
+    index, count = jax.process_index(), jax.process_count()
+    if (pathlib.Path(directory) / f"process_{index}-of-{count}.json").exists():
+      return super().restore(directory, item=item, args=args)
+    item = item or args.item
+    saved = sorted(pathlib.Path(directory).glob("process_*-of-*.json"))
+    if not saved:
+      raise FileNotFoundError(f"No data position in {directory}")
+    source = min(saved, key=lambda p: int(re.match(r"process_(\d+)-", p.name).group(1)))
+    logging.info("Data position from %s (written by another process count)", source.name)
+    item.set_state(json.loads(source.read_text()))
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any  # a grain DatasetIterator
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any  # the grain DatasetIterator to move to the saved position
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator) in `<workdir>/checkpoints`."""
 
@@ -85,7 +131,7 @@ class Checkpointer:
       item_names=("state", "data", "meta"),
       item_handlers={
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "data": DataPositionHandler(),
         "meta": ocp.JsonCheckpointHandler(),
       },
     )
@@ -101,7 +147,7 @@ class Checkpointer:
       "meta": ocp.args.JsonSave({**describe(self.config), "step": int(step)}),
     }
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = DataSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items))
 
   def wait(self) -> None:
@@ -131,15 +177,21 @@ class Checkpointer:
     logging.info("Restoring step %d from %s", step, self.directory)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None and (self.directory / str(step) / "data").exists():
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = DataRestore(data_iterator)
     elif data_iterator is not None:  # a converted checkpoint
       logging.info("Step %d has no data position: the data starts from the beginning", step)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
 def abstract_state(state_fn, *args, sharding=None):
-  """Shapes/dtypes (and optionally a sharding) of `state_fn(*args)` without computing it."""
+  """Shapes/dtypes of `state_fn(*args)` without computing it, and optionally the shardings to
+  restore into: one `jax.sharding.Sharding` for every leaf, or a pytree of them like the state's.
+  """
   shapes = jax.eval_shape(state_fn, *args)
   if sharding is None:
     return shapes
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, shapes)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding
+  )

@@ -141,7 +141,9 @@ def evaluate(predict, params, eval_set, config) -> dict:
 
 
 def setup(config, run):
-  """(model, optimiser, schedule, make_state, fresh): `fresh()` loads the pretrained encoder."""
+  """(model, optimiser, schedule, make_state, fresh): `fresh(state_sharding=None)` loads the
+  pretrained encoder and lays the state out by `state_sharding` (a pytree like the state's;
+  None: on this process's first device)."""
   model = finetune_models.build_finetune_model(
     config.modality, config.model, config.head, config.version
   )
@@ -152,13 +154,14 @@ def setup(config, run):
     state_lib.create_train_state, model, tx, init_key, *train.example_inputs(config), None
   )
 
-  def fresh():
-    state = jax.jit(make_state)()
+  def fresh(state_sharding=None):
     if run is None:
-      return state
+      return jax.jit(make_state, out_shardings=state_sharding)()
+    state = jax.jit(make_state)()  # on this process's first device; every process the same
     params, _ = pretrained.merge_encoder(state.params, run.params)
     logging.info("Encoder initialised from %s (step %d)", run.directory, run.step)
-    return state.replace(params=params, opt_state=tx.init(params))
+    state = state.replace(params=params, opt_state=tx.init(params))
+    return state if state_sharding is None else sharding.put_global(state, state_sharding)
 
   return model, tx, schedule, make_state, fresh
 
@@ -166,28 +169,33 @@ def setup(config, run):
 def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Fine-tunes to `config.loop.total_steps`, then scores the dev set; returns those scores."""
   workdir = pathlib.Path(workdir)
-  mesh = sharding.make_mesh()
+  mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.input.batch_size, mesh)
+  logging.info("Mesh: %s; global batch %d", sharding.describe(mesh), config.input.batch_size)
   _, data_seed, loop_key = train.split_seed(config.seed)
   run = load_pretrained_into_config(config)
   fit_input_to_model(config)
   data, eval_set = make_datasets(config, data_seed)
   data_iter = iter(data)
   model, tx, schedule, make_state, fresh = setup(config, run)
+  state_sharding = sharding.train_state_shardings(make_state, mesh, config)
 
-  replicated = sharding.replicated(mesh)
   ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
-  state, _ = loop.start(ckpt, make_state, data_iter, replicated, fresh=fresh)
+  state, _ = loop.start(ckpt, make_state, data_iter, state_sharding, fresh=fresh)
   if jax.process_index() == 0:
     train.write_config(workdir, config)
     if config.head.task == "ctc":  # the letters the head's outputs stand for
       data.vocabulary.save(workdir / "dict.ltr.txt")
 
-  train_step = loop.jit_step(finetune_steps.make_finetune_step(model, tx, schedule, config), mesh)
+  train_step = loop.jit_step(
+    finetune_steps.make_finetune_step(model, tx, schedule, config), mesh, state_sharding
+  )
+  # Every process scores the whole dev set on its first device, from a gathered copy.
   predict = jax.jit(finetune_steps.make_predict(model, config.modality))
 
   def dev_scores(state):
-    return {f"dev_{k}": v for k, v in evaluate(predict, state.params, eval_set, config).items()}
+    params = sharding.local_copy(state.params, mesh)
+    return {f"dev_{k}": v for k, v in evaluate(predict, params, eval_set, config).items()}
 
   writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
   try:
@@ -211,7 +219,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     "split": config.eval.split,
     "examples": eval_set.num_examples,
     "init": pretrained.summary(run) if run else "random",
-    **evaluate(predict, state.params, eval_set, config),
+    **evaluate(predict, sharding.local_copy(state.params, mesh), eval_set, config),
   }
   logging.info("Evaluation on %s: %s", config.eval.split, json.dumps(result))
   if jax.process_index() == 0:

@@ -38,32 +38,40 @@ def throughput_of(config) -> Throughput:
   return Throughput("tokens_per_sec", 1.0)
 
 
-def start(ckpt: checkpoint.Checkpointer, make_state, data_iter, out_sharding, fresh=None):
+def start(ckpt: checkpoint.Checkpointer, make_state, data_iter, state_sharding, fresh=None):
   """(state, resumed): the newest checkpoint restored onto `make_state`'s shapes, or a fresh one.
 
-  `fresh()` builds the fresh state (default: `make_state` jitted); fine-tuning passes one that
-  loads pretrained weights.
+  `state_sharding` (one sharding, or a pytree of them like the state's: `sharding.
+  train_state_shardings`) is the layout of the returned state; a checkpoint written under
+  another mesh (other device or process count, other `fsdp`) is read straight into it.
+  `fresh(state_sharding)` builds the fresh state (default: `make_state` jitted); fine-tuning
+  passes one that loads pretrained weights.
   """
   latest = ckpt.latest_step()
   if latest is None:
-    state = fresh() if fresh is not None else jax.jit(make_state, out_shardings=out_sharding)()
+    if fresh is not None:
+      state = fresh(state_sharding)
+    else:
+      state = jax.jit(make_state, out_shardings=state_sharding)()
     count = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Fresh start: %s parameters", f"{count:,}")
     return state, False
-  abstract = checkpoint.abstract_state(make_state, sharding=out_sharding)
+  abstract = checkpoint.abstract_state(make_state, sharding=state_sharding)
   state = ckpt.restore(latest, abstract, data_iter)
   logging.info("Resumed from step %d", latest)
   return state, True
 
 
-def jit_step(step_fn, mesh):
-  """`step_fn(state, batch, loop_key)` jitted: state and key replicated, the batch split over
-  devices, the old state's buffers donated to the new one."""
+def jit_step(step_fn, mesh, state_sharding=None):
+  """`step_fn(state, batch, loop_key)` jitted: the state laid out by `state_sharding` (default
+  replicated) in and out, the batch split over the mesh, key and metrics replicated, the old
+  state's buffers donated to the new one."""
   replicated = sharding.replicated(mesh)
+  state_sharding = replicated if state_sharding is None else state_sharding
   return jax.jit(
     step_fn,
-    in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
-    out_shardings=(replicated, replicated),
+    in_shardings=(state_sharding, sharding.batch_sharded(mesh), replicated),
+    out_shardings=(state_sharding, replicated),
     donate_argnums=(0,),
   )
 
@@ -88,11 +96,11 @@ def run(
   """
   loop = config.loop
   throughput = throughput_of(config)
-  loop_key = jax.device_put(loop_key, sharding.replicated(mesh))
+  loop_key = sharding.put_global(loop_key, sharding.replicated(mesh))
   progress = tqdm(
     total=loop.total_steps,
     initial=int(state.step),
-    disable=not loop.progress_bar,
+    disable=not loop.progress_bar or jax.process_index() != 0,
     unit="step",
     dynamic_ncols=True,
   )
@@ -102,7 +110,7 @@ def run(
   try:
     while step < loop.total_steps:
       t0 = time.perf_counter()
-      batch = sharding.put_batch(next(data_iter), mesh)
+      batch = sharding.put_batch(next(data_iter), mesh, config.input.batch_size)
       data_wait += time.perf_counter() - t0
       state, step_metrics = train_step(state, batch, loop_key)
       pending.append(step_metrics)

@@ -36,6 +36,11 @@ def _version(config):
   return _VERSIONS[config.version]
 
 
+def step_builder(config):
+  """`make_pretrain_step(model, tx, schedule, config)` of `config.version`."""
+  return _version(config)[1]
+
+
 def split_seed(seed: int):
   """(init key, data seed, loop key) from `config.seed`."""
   init_key, data_key, loop_key = jax.random.split(jax.random.key(seed), 3)
@@ -100,8 +105,14 @@ def setup(config: ml_collections.ConfigDict):
 
   `make_state()` initialises the train state from `config.seed`; it is what a fresh run jits,
   what `jax.eval_shape` turns into a restore target, and the probe's random-init baseline.
+  The fields that come from the data are filled first (`complete_config`).
   """
   complete_config(config)
+  return build(config)
+
+
+def build(config: ml_collections.ConfigDict):
+  """`setup` for a config whose data-derived fields are already set (benchmarks, bench/)."""
   model = _version(config)[0](config.modality, config.model)
   tx, schedule = optim.make_optimizer(config.optim, config.loop.total_steps)
   init_key, _, _ = split_seed(config.seed)
@@ -122,35 +133,42 @@ def write_config(workdir: pathlib.Path, config) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pretrains until `config.loop.total_steps`; returns the last logged metrics."""
+  """Pretrains until `config.loop.total_steps`; returns the last logged metrics.
+
+  Every process of a multi-host run calls this with the same config: each loads its rows of
+  every global batch, all of them step and checkpoint together, process 0 alone writes the
+  config, metrics and probe report.
+  """
   workdir = pathlib.Path(workdir)
-  mesh = sharding.make_mesh()
+  mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.input.batch_size, mesh)
   logging.info(
-    "Devices: %d (%s), processes: %d",
-    jax.device_count(),
-    jax.devices()[0].platform,
-    jax.process_count(),
+    "Mesh: %s; global batch %d, %d rows per process",
+    sharding.describe(mesh),
+    config.input.batch_size,
+    config.input.batch_size // jax.process_count(),
   )
   _, data_seed, loop_key = split_seed(config.seed)
   model, tx, schedule, make_state = setup(config)
   data_iter = iter(make_dataset(config, data_seed))
 
-  replicated = sharding.replicated(mesh)
+  state_sharding = sharding.train_state_shardings(make_state, mesh, config)
   ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
-  state, _ = loop.start(ckpt, make_state, data_iter, replicated)
+  state, _ = loop.start(ckpt, make_state, data_iter, state_sharding)
   if jax.process_index() == 0:  # only now: a refused checkpoint leaves its run's config alone
     write_config(workdir, config)
   initial_params = None
   if config.probe.enabled:  # the encoder at initialisation is the probe's baseline
-    initial_params = jax.jit(make_state, out_shardings=replicated)().params
+    initial = jax.jit(make_state, out_shardings=state_sharding)()
+    initial_params = sharding.local_copy(initial.params, mesh)
 
-  make_step = _version(config)[1]
-  train_step = loop.jit_step(make_step(model, tx, schedule, config), mesh)
+  make_step = step_builder(config)
+  train_step = loop.jit_step(make_step(model, tx, schedule, config), mesh, state_sharding)
   probe_sets = evaluate_lib.load_probe_sets(config) if config.probe.enabled else None
 
   def probe(state):
-    scores = evaluate_lib.probe_scores(model, state.params, config.probe, *probe_sets)
+    params = sharding.local_copy(state.params, mesh)
+    scores = evaluate_lib.probe_scores(model, params, config.probe, *probe_sets)
     return {"probe_acc": float(np.mean(scores["linear"])), "probe_knn_acc": scores["knn"]}
 
   writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
@@ -171,7 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if writer:
       writer.close()
   if config.probe.enabled:
-    result = probe_report(model, initial_params, state.params, config.probe, probe_sets)
+    params = sharding.local_copy(state.params, mesh)
+    result = probe_report(model, initial_params, params, config.probe, probe_sets)
     if jax.process_index() == 0:
       (workdir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     last.update(probe_pretrained=result["pretrained_mean"], probe_random=result["random_mean"])

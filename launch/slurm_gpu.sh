@@ -1,18 +1,54 @@
 #!/usr/bin/env bash
-# SLURM, one task per node, all GPUs of a node in that task (JAX sees them as local devices).
+# SLURM, multi-node GPUs: one task per node, all GPUs of a node in that task (JAX sees them as
+# local devices); the tasks join through jax.distributed, which reads SLURM's variables.
 #
-#   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=1 launch/slurm_gpu.sh \
-#       configs/audio.py:variant=base /shared/runs/audio_base --config.input.source=manifest \
+# From a login node (the repository on a filesystem every node sees):
+#   bash launch/slurm_gpu.sh --nodes=8 --gpus_per_node=8 configs/audio.py:variant=base \
+#       /shared/runs/audio_base --config.input.source=manifest \
 #       --config.input.path=/data/librispeech/train.tsv
+#   bash launch/slurm_gpu.sh --dry-run --nodes=8 ...    # print the commands, submit nothing
 #
-# jax.distributed.initialize() reads the coordinator and process ids from SLURM's variables.
-# Run `bash launch/setup.sh` once on a login node first, and install the CUDA build of jax:
-#   .venv/bin/pip install 'jax[cuda12]==0.12.0.1'
+# It sets up .venv with the CUDA build of jax once, then submits itself with sbatch; inside the
+# job (SLURM_JOB_ID set) it starts the tasks with srun. Options (before CONFIG):
+#   --nodes=N (default 1)  --gpus_per_node=G (default 8)  --time=HH:MM:SS (default 24:00:00)
+#   --partition=P  --account=A  (passed to sbatch when given)
+#   --dry-run     print the commands instead of running them
 #SBATCH --job-name=d2v-jax
 #SBATCH --ntasks-per-node=1
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-config=${1:?usage: sbatch launch/slurm_gpu.sh CONFIG WORKDIR [flags...]}
-workdir=${2:?usage: sbatch launch/slurm_gpu.sh CONFIG WORKDIR [flags...]}
+usage="usage: launch/slurm_gpu.sh [--dry-run] [--nodes=N] [--gpus_per_node=G] [--time=T] [--partition=P] [--account=A] CONFIG WORKDIR [main.py flags...]"
+dry_run=false nodes=1 gpus_per_node=8 time=24:00:00 sbatch_extra=()
+while [[ $# -gt 0 && $1 == --* ]]; do
+  case $1 in
+    --dry-run) dry_run=true ;;
+    --nodes=*) nodes=${1#*=} ;;
+    --gpus_per_node=*) gpus_per_node=${1#*=} ;;
+    --time=*) time=${1#*=} ;;
+    --partition=* | --account=*) sbatch_extra+=("$1") ;;
+    *) echo "unknown option $1; $usage" >&2; exit 2 ;;
+  esac
+  shift
+done
+config=${1:?$usage}
+workdir=${2:?$usage}
 shift 2
-srun .venv/bin/python main.py --multi_host --config="$config" --workdir="$workdir" "$@"
+source launch/lib.sh
+jax_version=$(sed -n 's/^jax==//p' requirements.txt)
+main=(.venv/bin/python main.py --multi_host --config="$config" --workdir="$workdir" "$@")
+
+if [[ -n ${SLURM_JOB_ID:-} ]]; then  # inside the job: one task per node
+  run srun --kill-on-bad-exit=1 "${main[@]}"
+  exit
+fi
+
+run bash launch/setup.sh
+run .venv/bin/pip install --quiet "jax[cuda12]==$jax_version"
+run mkdir -p logs
+run sbatch --nodes="$nodes" --ntasks-per-node=1 --gpus-per-node="$gpus_per_node" \
+  --time="$time" --output=logs/d2v-jax-%j.out "${sbatch_extra[@]}" \
+  launch/slurm_gpu.sh "$config" "$workdir" "$@"
+if $dry_run; then  # what the job then runs on its first node
+  echo "# in the job:"
+  quote_cmd srun --kill-on-bad-exit=1 "${main[@]}"
+fi

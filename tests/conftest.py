@@ -1,6 +1,8 @@
 """Test setup: 4 fake CPU devices (set before jax is imported) and parsed absl flags.
 
-grain's worker processes read absl flags, so they must count as parsed under pytest.
+grain's worker processes read absl flags, so they must count as parsed under pytest. The
+longest tests (the notebooks, the multi-process runs) are collected first, so that with
+`pytest -n 2` they do not all land at the end of one worker's queue.
 """
 
 import os
@@ -18,3 +20,15 @@ flags.FLAGS.mark_as_parsed()
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+# Test files whose tests take minutes each (tests/test_notebooks.py runs whole notebooks).
+_LONGEST_FIRST = ("tests/test_notebooks.py", "tests/test_multihost.py", "tests/test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    path = item.nodeid.split("::")[0]
+    return _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+  items.sort(key=rank)  # stable: the order within each group is kept
