@@ -1,0 +1,1 @@
+"""Benchmarks (issue 7): run by hand, never as tests. See bench/README.md."""
