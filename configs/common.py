@@ -115,6 +115,9 @@ def loop_config(total_steps: int) -> ml_collections.ConfigDict:
       # parallelism. Arrays under `fsdp_min_mb` MiB stay replicated.
       fsdp=1,
       fsdp_min_mb=4.0,
+      # Gradient accumulation (d2v_jax/accumulate.py): each batch in this many sequential
+      # slices, one update; for a global batch that does not fit the devices at once.
+      micro_batches=1,
     )
   )
 

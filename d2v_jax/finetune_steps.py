@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from d2v_jax import ctc, masking, mixup
+from d2v_jax import accumulate, ctc, masking, mixup
 from d2v_jax.models import audio
 from d2v_jax.state import TrainState
-from d2v_jax.steps import model_inputs
+from d2v_jax.steps import micro_batches, model_inputs
 
 
 def speech_masks(rng, padding, dim: int, masking_cfg):
@@ -88,17 +88,18 @@ def make_finetune_step(model, tx, schedule, config: ml_collections.ConfigDict):
 
   def step(state: TrainState, batch, loop_key):
     rng = jax.random.fold_in(loop_key, state.step)
-    mask_rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
     inputs, padding = model_inputs(batch, modality)
-    time_mask = channel_mask = targets = None
-    if modality == "audio":
-      time_mask, channel_mask = speech_masks(mask_rng, padding, model.dim, config.masking)
-    if task == "classify":
-      inputs, targets = classification_targets(
-        mix_rng, inputs, batch["label"], config.head.num_outputs, config
-      )
 
-    def loss_fn(params):
+    def loss_fn(params, batch, micro_rng):  # one slice of the batch (accumulate.py)
+      mask_rng, mix_rng, dropout_rng = jax.random.split(micro_rng, 3)
+      inputs, padding = model_inputs(batch, modality)
+      time_mask = channel_mask = targets = None
+      if modality == "audio":
+        time_mask, channel_mask = speech_masks(mask_rng, padding, model.dim, config.masking)
+      if task == "classify":
+        inputs, targets = classification_targets(
+          mix_rng, inputs, batch["label"], config.head.num_outputs, config
+        )
       outputs, token_padding = model.apply(
         {"params": params},
         inputs,
@@ -110,7 +111,9 @@ def make_finetune_step(model, tx, schedule, config: ml_collections.ConfigDict):
       )
       return task_loss(outputs, token_padding, batch, targets, task)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = accumulate.value_and_grad(
+      loss_fn, state.params, batch, rng, micro_batches(config)
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

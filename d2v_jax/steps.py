@@ -6,7 +6,8 @@ Order inside the step:
   3. mask drawn with jax.random (static shape, same count per row; never on padding);
   4. teacher (eval mode, stop_gradient) encodes the unmasked input -> normalised top-K targets;
   5. student encodes the masked tokens -> regression head -> loss at masked, valid positions;
-  6. gradient, Adam update, then the EMA update of the teacher with τ(step).
+  6. gradient (accumulated over `config.loop.micro_batches` slices of the batch, if set), Adam
+     update, then the EMA update of the teacher with τ(step).
 
 Text masks token ids before step 2 instead (`<mask>` and random tokens replace input ids), so the
 student's embedding sees the corrupted ids and no mask embedding is used.
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from d2v_jax import losses, masking, targets, teacher
+from d2v_jax import accumulate, losses, masking, targets, teacher
 from d2v_jax.state import TrainState
 
 # Batch keys of each modality's model input (DESIGN.md, "Batches").
@@ -151,10 +152,11 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
 
   def step(state: TrainState, batch, loop_key):
     rng = jax.random.fold_in(loop_key, state.step)
-    mask_rng, dropout_rng = jax.random.split(rng)
     inputs, padding = model_inputs(batch, config.modality)
 
-    def loss_fn(params):
+    def loss_fn(params, micro_batch, micro_rng):  # one slice of the batch (accumulate.py)
+      inputs, padding = micro_batch
+      mask_rng, dropout_rng = jax.random.split(micro_rng)
       variables = {"params": params}
       rngs = {"dropout": dropout_rng}
       student_inputs, mask, loss_mask = inputs, None, None
@@ -201,12 +203,19 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
         "num_masked": num_masked,
       }
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = accumulate.value_and_grad(
+      loss_fn, state.params, (inputs, padding), rng, micro_batches(config)
+    )
     return update_student_and_teacher(
       state, grads, tx, schedule, config, inputs, padding, {"loss": loss, **aux}
     )
 
   return step
+
+
+def micro_batches(config) -> int:
+  """Sequential slices of each batch (`config.loop.micro_batches`; accumulate.py)."""
+  return config.loop.get("micro_batches", 1)
 
 
 def update_student_and_teacher(

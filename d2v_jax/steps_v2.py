@@ -22,9 +22,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from d2v_jax import losses, masking_v2
+from d2v_jax import accumulate, losses, masking_v2
 from d2v_jax.state import TrainState
-from d2v_jax.steps import model_inputs, teacher_targets, update_student_and_teacher
+from d2v_jax.steps import (
+  micro_batches,
+  model_inputs,
+  teacher_targets,
+  update_student_and_teacher,
+)
 
 
 def draw_masks(rng, batch: int, length: int, config, grid=None) -> masking_v2.V2Mask:
@@ -60,10 +65,11 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
 
   def step(state: TrainState, batch, loop_key):
     rng = jax.random.fold_in(loop_key, state.step)
-    mask_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
     inputs, padding = model_inputs(batch, config.modality)
 
-    def loss_fn(params):
+    def loss_fn(params, micro_batch, micro_rng):  # one slice of the batch (accumulate.py)
+      inputs, padding = micro_batch
+      mask_rng, dropout_rng, noise_rng = jax.random.split(micro_rng, 3)
       variables = {"params": params}
       rngs = {"dropout": dropout_rng, "noise": noise_rng}
       tokens, token_padding = model.apply(
@@ -108,7 +114,9 @@ def make_pretrain_step(model, tx, schedule, config: ml_collections.ConfigDict):
       )
       return loss, metrics
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = accumulate.value_and_grad(
+      loss_fn, state.params, (inputs, padding), rng, micro_batches(config)
+    )
     return update_student_and_teacher(
       state, grads, tx, schedule, config, inputs, padding, {"loss": loss, **aux}
     )
