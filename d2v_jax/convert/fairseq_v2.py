@@ -128,13 +128,13 @@ def _model_config(modality: str, keys: _Keys, cfg: dict, task: str) -> ml_collec
   num_prenet = keys.count(re.escape(m) + r"context_encoder\.blocks\.(\d+)\.attn\.qkv\.weight")
   first = "blocks.0." if num_main else f"{m}context_encoder.blocks.0."
   mlp_dim, dim = keys.shape(first + "mlp.fc1.weight")
-  heads_cfg = fs.lookup(cfg, "num_heads")
-  if modality == "audio" and heads_cfg is None:  # ALiBi keeps one learned scale per head
-    heads_cfg = keys.shape(m + "alibi_scale")[2]
+  heads_cfg = dict(cfg)
+  if modality == "audio" and fs.lookup(cfg, "num_heads") is None:  # one ALiBi scale per head
+    heads_cfg["num_heads"] = keys.shape(m + "alibi_scale")[2]
   fields = dict(
     num_layers=num_prenet + num_main,
     dim=dim,
-    num_heads=fs.num_heads({"num_heads": heads_cfg}, dim, "num_heads"),
+    num_heads=fs.num_heads(heads_cfg, dim, "num_heads"),
     mlp_dim=mlp_dim,
     prenet_depth=num_prenet,
     norm_eps=float(fs.lookup(cfg, "norm_eps", default=_NORM_EPS[modality])),
@@ -474,13 +474,11 @@ def from_fairseq(
   model_dict, ema = fs.split_ema(dict(state_dict), "_ema")
   modality, mod_name = _modality(model_dict)
   task, prefix = _layout(model_dict)
-  keys = _Keys(_upgrade(model_dict), prefix, mod_name)
+  arrays = _upgrade(model_dict)  # every key, task-head ones included
+  keys = _Keys(arrays, prefix, mod_name)
   model_cfg = _model_config(modality, keys, _encoder_cfg(fairseq_cfg), task)
   head_cfg, head_keys = _head(task, modality, model_dict, fairseq_cfg, model_cfg.dim)
   table = key_table(modality, model_cfg, mod_name)
-  arrays = {prefix + k: v for k, v in keys.arrays.items()} | {
-    k: v for k, v in model_dict.items() if not k.startswith(prefix)
-  }
   full = common.KeyTable({prefix + k: e for k, e in table.items()} | head_keys)
   positions = prefix + keys.mod + _POSITIONS
   given = _check(full, arrays, f"{modality} checkpoint", optional=(positions,))
