@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.step --modality=audio --variant=tiny --version=1 --steps=5
     .venv/bin/python -m bench.step --modality=all --variant=tiny --version=1,2 --torch
     .venv/bin/python -m bench.step --modality=image --variant=base --batch_size=4 --torch
+    .venv/bin/python -m bench.step --modality=text --dtype=float32,bfloat16 --remat=none,full
 
 For each (modality, variant, version) it builds the step the training loop runs (the config of
 `configs/<modality>.py:variant=...,version=...`, the model, optimiser and train state as
@@ -24,6 +25,12 @@ data2vec 1.0 only) runs next, in the torch interpreter (`--torch_python`, defaul
 `$D2V_TORCH_PYTHON` or `.venv-torch/bin/python`) with the same thread count, and the table adds
 its step time and the ratio of throughputs (ours / torch). With both versions (`--version=1,2`)
 a second table puts data2vec 1.0 and 2.0 side by side (issue 8): FLOPs per sample and throughput.
+
+`--dtype`, `--remat` and `--fused_attention` take comma lists (issue 7 item 3); every
+combination is a job, and a third table compares each with its float32, no-remat, unfused
+baseline of the same run: throughput, XLA's temporary memory of the compiled step
+(`memory_analysis().temp_size_in_bytes`: the activations the backward pass keeps), peak RSS and
+the largest relative loss difference over the steps on the same fixed batch.
 """
 
 import argparse
@@ -61,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--audio_length", type=int, default=0, help="samples per clip; 0 = the longest crop"
   )
   p.add_argument("--text_length", type=int, default=0, help="tokens per block; 0 = max_length")
-  p.add_argument("--dtype", default="float32", help="config.model.dtype (compute dtype)")
+  p.add_argument("--dtype", default="float32", help="config.model.dtype(s): float32,bfloat16")
+  p.add_argument("--remat", default="none", help="config.model.remat(s): none,full,dots")
+  p.add_argument("--fused_attention", default="0", help="config.model.fused_attention: 0,1")
   p.add_argument("--peak_size", type=int, default=2048, help="side of the peak matmul")
   p.add_argument("--torch", action="store_true", help="also run the PyTorch reference (v1)")
   p.add_argument(
@@ -86,14 +95,28 @@ def expand(value: str, choices) -> list:
 
 
 def make_jobs(args) -> list[dict]:
-  fields = ("steps", "warmup", "batch_size", "audio_length", "text_length", "dtype", "peak_size")
+  fields = ("steps", "warmup", "batch_size", "audio_length", "text_length", "peak_size")
   common = {k: getattr(args, k) for k in fields}
   return [
-    dict(common, modality=m, variant=v, version=int(n))
+    dict(common, modality=m, variant=v, version=int(n), dtype=d, remat=r, fused_attention=int(f))
     for m in expand(args.modality, MODALITIES)
     for v in expand(args.variant, ("tiny", "base", "large"))
     for n in expand(args.version, ("1", "2"))
+    for d in expand(args.dtype, ("float32", "bfloat16"))
+    for r in expand(args.remat, ("none", "full", "dots"))
+    for f in expand(args.fused_attention, ("0", "1"))
   ]
+
+
+# What a job changes from the plain float32 step, and the values that make the baseline.
+EXECUTION_DEFAULTS = dict(dtype="float32", remat="none", fused_attention=0)
+
+
+def job_name(job: dict) -> str:
+  """e.g. `text-base-v1` or `text-base-v1 bfloat16 remat=full`."""
+  name = f"{job['modality']}-{job['variant']}-v{job['version']}"
+  changed = [(k, job.get(k, v)) for k, v in EXECUTION_DEFAULTS.items() if job.get(k, v) != v]
+  return " ".join([name] + [str(v) if k == "dtype" else f"{k}={v}" for k, v in changed])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +134,8 @@ def make_config(job: dict):
     config.input.batch_size = job["batch_size"]
   if job["text_length"] and config.modality == "text":
     config.input.max_length = job["text_length"]
-  config.model.dtype = job["dtype"]
+  for field, default in EXECUTION_DEFAULTS.items():
+    setattr(config.model, field, job.get(field, default))
   if config.modality == "text":
     if job["variant"] == "tiny":  # the embedded tokenizer's vocabulary, as a real run
       from d2v_jax import train
@@ -207,23 +231,20 @@ def time_steps(compiled, state, batch, key, warmup: int, steps: int):
   return state, times, losses
 
 
-def run_jax(job: dict) -> dict:
-  """Benchmarks one configuration's pretraining step in this process."""
+def compile_and_time(config, batch: dict, warmup: int, steps: int) -> dict:
+  """`config`'s pretraining step as training builds it (`build`, `loop.jit_step`, the state
+  donated), compiled for `batch` (host arrays, the whole global batch) and timed (`time_steps`):
+  {compiled, compile_s, step_times, losses, num_params}."""
   import jax
 
-  jax.config.update("jax_threefry_partitionable", True)
-  from bench import flops
   from d2v_jax import loop, sharding
 
-  config = make_config(job)
-  peaks = {d: matmul_peak(job["peak_size"], d) for d in ("float32", "bfloat16")}
-  batch_size, length = config.input.batch_size, input_length(config, job)
   model, tx, schedule, make_state, make_step = build(config)
   mesh = sharding.make_mesh()
   replicated = sharding.replicated(mesh)
   state = jax.jit(make_state, out_shardings=replicated)()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  batch = sharding.put_batch(synthetic_batch(config, batch_size, length), mesh)
+  batch = sharding.put_batch(batch, mesh)
   key = jax.device_put(jax.random.key(0), replicated)
   step = loop.jit_step(make_step(model, tx, schedule, config), mesh)
 
@@ -231,7 +252,32 @@ def run_jax(job: dict) -> dict:
   lowered = step.lower(state, batch, key)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  _, times, losses = time_steps(compiled, state, batch, key, job["warmup"], job["steps"])
+  memory = compiled.memory_analysis()
+  _, times, losses = time_steps(compiled, state, batch, key, warmup, steps)
+  return dict(
+    compiled=compiled,
+    compile_s=compile_s,
+    step_times=times,
+    losses=losses,
+    num_params=int(num_params),
+    temp_mib=memory.temp_size_in_bytes / 2**20 if memory else None,
+  )
+
+
+def run_jax(job: dict) -> dict:
+  """Benchmarks one configuration's pretraining step in this process."""
+  import jax
+
+  jax.config.update("jax_threefry_partitionable", True)
+  from bench import flops
+
+  config = make_config(job)
+  peaks = {d: matmul_peak(job["peak_size"], d) for d in ("float32", "bfloat16")}
+  batch_size, length = config.input.batch_size, input_length(config, job)
+  batch = synthetic_batch(config, batch_size, length)
+  timed = compile_and_time(config, batch, job["warmup"], job["steps"])
+  compiled, compile_s = timed["compiled"], timed["compile_s"]
+  times, losses, num_params = timed["step_times"], timed["losses"], timed["num_params"]
 
   step_s = statistics.median(times)
   model_flops = flops.step_flops(config, batch_size, length)
@@ -245,6 +291,7 @@ def run_jax(job: dict) -> dict:
     step_times=times,
     throughput=inputs_per_step(config, batch_size, length) / step_s,
     peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    temp_mib=timed["temp_mib"],
     flops=model_flops.total,
     student_forward_flops=model_flops.student_forward,
     teacher_forward_flops=model_flops.teacher_forward,
@@ -362,7 +409,7 @@ def rate(value: float) -> str:
 
 def print_table(rows: list[dict]) -> None:
   header = (
-    f"{'config':<14} {'batch':>12} {'compile s':>9} {'step ms':>9} {'throughput':>19} "
+    f"{'config':<34} {'batch':>12} {'compile s':>9} {'step ms':>9} {'throughput':>19} "
     f"{'RSS MiB':>8} {'GFLOP':>8} {'XLA/ana':>7} {'GFLOP/s':>8} {'MFU32':>6} {'MFU16':>6} "
     f"{'torch ms':>9} {'ours/torch':>10}"
   )
@@ -375,7 +422,7 @@ def print_table(rows: list[dict]) -> None:
     speedup = torch["step_s"] / r["step_s"] if torch.get("step_s") else None
     shape = f"{r['batch_size']}x{r['length']}" if r["length"] else str(r["batch_size"])
     print(
-      f"{r['modality']}-{r['variant']}-v{r['version']:<5} {shape:>12} {r['compile_s']:9.1f} "
+      f"{job_name(r):<34} {shape:>12} {r['compile_s']:9.1f} "
       f"{1e3 * r['step_s']:9.1f} {rate(r['throughput']):>9} {UNITS[r['modality']]:<9} "
       f"{r['peak_rss_mib']:8.0f} {r['flops'] / 1e9:8.1f} {fmt(ratio, '7.2f')} "
       f"{achieved / 1e9:8.1f} {achieved / r['peak_flops']['float32']:6.1%} "
@@ -388,7 +435,7 @@ def print_peaks(rows: list[dict]) -> None:
   for r in rows:
     p = r["peak_flops"]
     print(
-      f"  {r['modality']}-{r['variant']}-v{r['version']}: matmul peak "
+      f"  {job_name(r)}: matmul peak "
       f"{p['float32'] / 1e9:.0f} GFLOP/s fp32, {p['bfloat16'] / 1e9:.0f} GFLOP/s bf16; "
       f"{r['num_params'] / 1e6:.1f} M params; step min {1e3 * min(r['step_times']):.1f} ms; "
       f"loss {r['losses'][0]:.4g} -> {r['losses'][-1]:.4g}; load {r['load_average']:.1f}"
@@ -409,6 +456,8 @@ def print_versions(rows: list[dict]) -> None:
   """data2vec 1.0 and 2.0 side by side per (modality, variant): FLOPs per sample, throughput."""
   pairs = {}
   for r in rows:
+    if any(r.get(k) != v for k, v in EXECUTION_DEFAULTS.items()):
+      continue  # the float32 steps only
     pairs.setdefault((r["modality"], r["variant"]), {})[r["version"]] = r
   pairs = {k: v for k, v in pairs.items() if len(v) == 2}
   if not pairs:
@@ -428,6 +477,32 @@ def print_versions(rows: list[dict]) -> None:
     )
 
 
+def print_execution(rows: list[dict]) -> None:
+  """Each dtype / remat / fused-attention job against its float32 baseline of the same run."""
+  base_key = lambda r: (r["modality"], r["variant"], r["version"])  # noqa: E731
+  baselines = {
+    base_key(r): r for r in rows if all(r.get(k) == v for k, v in EXECUTION_DEFAULTS.items())
+  }
+  others = [r for r in rows if base_key(r) in baselines and r is not baselines[base_key(r)]]
+  if not others:
+    return
+  print("\nExecution choices against the float32 / remat=none / unfused step of this run")
+  print(
+    f"{'config':<34} {'speed x':>8} {'XLA temp MiB':>13} {'x':>6} {'RSS x':>6} "
+    f"{'max loss diff':>13}"
+  )
+  for r in others:
+    b = baselines[base_key(r)]
+    temp = r.get("temp_mib")
+    temp_ratio = temp / b["temp_mib"] if temp is not None and b.get("temp_mib") else None
+    steps = min(len(r["losses"]), len(b["losses"]))
+    loss_diff = max(abs(x - y) / abs(y) for x, y in zip(r["losses"][:steps], b["losses"][:steps]))
+    print(
+      f"{job_name(r):<34} {r['throughput'] / b['throughput']:8.2f} {fmt(temp, '13.0f')} "
+      f"{fmt(temp_ratio, '6.2f')} {r['peak_rss_mib'] / b['peak_rss_mib']:6.2f} {loss_diff:13.2%}"
+    )
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.worker:
@@ -440,7 +515,7 @@ def main(argv=None) -> None:
   print(f"threads: XLA's CPU pool ({info['cores']} cores); torch.set_num_threads({args.threads})")
   rows = []
   for job in make_jobs(args):
-    name = f"{job['modality']}-{job['variant']}-v{job['version']}"
+    name = job_name(job)
     print(f"... {name}", flush=True)
     result = run_child([sys.executable, "-m", "bench.step", "--worker", json.dumps(job)])
     if result is None:
@@ -454,6 +529,7 @@ def main(argv=None) -> None:
   print_table(rows)
   print_peaks(rows)
   print_versions(rows)
+  print_execution(rows)
   if args.json:
     Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
 

@@ -157,7 +157,7 @@ def _version1(variant: str) -> ml_collections.ConfigDict:
       activation_dropout=0.0,
       layerdrop=0.05,
       feature_grad_mult=1.0,  # gradient scale into the CNN front end (fairseq; 0 freezes it)
-      dtype="float32",  # compute dtype; parameters stay float32
+      **common.execution_fields(),
     )
   )
   config.masking = ml_collections.ConfigDict(

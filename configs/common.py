@@ -45,6 +45,17 @@ def versioned_config(arg, version1, version2, variants, note: str = ""):
   return config if arg.version == 1 else version2(config, arg.variant)
 
 
+def execution_fields() -> dict:
+  """`config.model` fields that change how the step runs, not what it computes (issue 7)."""
+  return dict(
+    # Compute dtype of the encoders ("bfloat16" on accelerators). Parameters, optimizer state,
+    # targets, their normalisation and the loss stay float32.
+    dtype="float32",
+    remat="none",  # "full" | "dots": recompute block activations in the backward pass
+    fused_attention=False,  # jax.nn.dot_product_attention (cuDNN on GPUs) where no dropout
+  )
+
+
 def v2_model(variant: str, *, dropout: float, norm_eps: float, decoder: dict, **fields):
   """`config.model` of a data2vec 2.0 config (spec §2.3): the fields every modality has, then
   the modality's `fields`. `dropout` is the blocks' residual and attention dropout."""
@@ -59,7 +70,7 @@ def v2_model(variant: str, *, dropout: float, norm_eps: float, decoder: dict, **
       norm_eps=norm_eps,
       mask_noise_std=0.01,  # N(0, σ²) decoder inputs at masked positions
       decoder=decoder,
-      dtype="float32",
+      **execution_fields(),
       **fields,
     )
   )
@@ -118,6 +129,10 @@ def loop_config(total_steps: int) -> ml_collections.ConfigDict:
       # Gradient accumulation (d2v_jax/accumulate.py): each batch in this many sequential
       # slices, one update; for a global batch that does not fit the devices at once.
       micro_batches=1,
+      # jax.profiler trace of steps profile_first_step .. +profile_steps-1 into
+      # <workdir>/profile (TensorBoard's profile plugin or Perfetto read it); 0 = no trace.
+      profile_first_step=0,
+      profile_steps=5,
     )
   )
 

@@ -185,7 +185,7 @@ def _version1(variant: str) -> ml_collections.ConfigDict:
       drop_path_rate=recipe["drop_path"],
       layer_scale_init=recipe["layer_scale"],
       layer_norm_eps=1e-6,  # BEiT's; HF's converted checkpoints keep HF's default 1e-12
-      dtype="float32",  # compute dtype; parameters stay float32
+      **common.execution_fields(),
     )
   )
   config.masking = ml_collections.ConfigDict(

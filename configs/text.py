@@ -137,7 +137,7 @@ def _version1(variant: str) -> ml_collections.ConfigDict:
       attention_dropout=0.1,
       activation_dropout=0.0,
       layer_norm_eps=1e-5,  # fairseq's; HF's default 1e-12 is carried over by the converter
-      dtype="float32",  # compute dtype; parameters stay float32
+      **common.execution_fields(),
     )
   )
   config.masking = ml_collections.ConfigDict(

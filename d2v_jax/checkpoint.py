@@ -74,6 +74,8 @@ TRAINING_ONLY_MODEL_FIELDS = (
   "layerdrop",
   "drop_path_rate",
   "dtype",
+  "remat",
+  "fused_attention",
   "feature_grad_mult",
 )
 

@@ -4,9 +4,13 @@
 a fresh state; `run` steps until `config.loop.total_steps` with the progress bar, log lines,
 JSONL/TensorBoard rows, health checks, periodic evaluation and checkpoints. Step k uses
 `fold_in(loop_key, k)` inside the jitted step, so a resumed run draws the same masks and dropout.
+`StepTrace` records a `jax.profiler` trace of chosen steps, and each step runs under a transfer
+guard: an implicit host-device copy in its dispatch (a host array or scalar where a device
+array belongs, a device value read on the host) fails loudly instead of stalling every step.
 """
 
 import dataclasses
+import pathlib
 import time
 from collections.abc import Callable
 
@@ -62,6 +66,36 @@ def start(ckpt: checkpoint.Checkpointer, make_state, data_iter, state_sharding, 
   return state, True
 
 
+class StepTrace:
+  """A `jax.profiler` trace of steps `first` .. `first + count - 1` (1-based, as logged) into
+  `directory`; `first` = 0 traces nothing. The trace ends after the last traced step's result
+  is ready, so it holds whole steps, the input pipeline's work between them included."""
+
+  def __init__(self, first: int, count: int, directory: pathlib.Path):
+    self.first, self.last, self.directory = first, first + count - 1, directory
+    self.active = False
+    if first and count < 1:
+      raise ValueError(f"config.loop.profile_steps={count}: trace at least one step")
+
+  def before(self, step: int) -> None:
+    """Called before step number `step` runs."""
+    if self.first and step == self.first:
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    """Called after step number `step` was dispatched; `state` is its output."""
+    if self.active and step >= self.last:
+      jax.block_until_ready(state)
+      self.stop()
+      logging.info("Profile of steps %d-%d written to %s", self.first, step, self.directory)
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 def jit_step(step_fn, mesh, state_sharding=None):
   """`step_fn(state, batch, loop_key)` jitted: the state laid out by `state_sharding` (default
   replicated) in and out, the batch split over the mesh, key and metrics replicated, the old
@@ -104,17 +138,25 @@ def run(
     unit="step",
     dynamic_ncols=True,
   )
+  trace = StepTrace(
+    loop.get("profile_first_step", 0),
+    loop.get("profile_steps", 1),
+    ckpt.directory.parent / "profile",
+  )
   pending, last, data_wait = [], {}, 0.0
   window_start = time.perf_counter()
   step = int(state.step)
   try:
     while step < loop.total_steps:
+      trace.before(step + 1)
       t0 = time.perf_counter()
       batch = sharding.put_batch(next(data_iter), mesh, config.input.batch_size)
       data_wait += time.perf_counter() - t0
-      state, step_metrics = train_step(state, batch, loop_key)
+      with jax.transfer_guard("disallow"):  # a step never waits on the host (issue 7)
+        state, step_metrics = train_step(state, batch, loop_key)
       pending.append(step_metrics)
       step += 1
+      trace.after(step, state)
       progress.update(1)
       is_ckpt = step % loop.checkpoint_every == 0 or step == loop.total_steps
       is_eval = evaluate is not None and eval_every and step % eval_every == 0
@@ -134,6 +176,7 @@ def run(
         # Rates cover training only: evaluation and the checkpoint's blocking part are excluded.
         pending, data_wait, window_start = [], 0.0, time.perf_counter()
   finally:
+    trace.stop()  # a run that ends (or fails) inside the traced steps keeps its trace
     progress.close()
     ckpt.wait()
   return state, last

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from d2v_jax.models import image, v2_layers
+from d2v_jax.models import image, transformer, v2_layers
 
 D, H, T = 8, 2, 6
 
@@ -300,10 +300,10 @@ def test_attention_bias_with_fewer_heads_covers_the_first_heads():
   rng = np.random.default_rng(0)
   q, k = (jnp.asarray(rng.normal(size=(1, 5, 4, 2)), jnp.float32) for _ in range(2))
   bias = v2_layers.alibi_bias(2, 5)[None]  # 2 of 4 heads
-  got = v2_layers.attention_probs(q, k, None, bias)
+  got = transformer.attention_weights(q, k, None, v2_layers.bias_for_heads(bias, 4))
   full = jnp.concatenate([bias, jnp.zeros_like(bias)], axis=1)
-  np.testing.assert_allclose(got, v2_layers.attention_probs(q, k, None, full), atol=1e-7)
-  np.testing.assert_allclose(got[:, 2:], v2_layers.attention_probs(q, k)[:, 2:], atol=1e-7)
+  np.testing.assert_allclose(got, transformer.attention_weights(q, k, None, full), atol=1e-7)
+  np.testing.assert_allclose(got[:, 2:], transformer.attention_weights(q, k)[:, 2:], atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------

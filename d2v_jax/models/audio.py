@@ -144,6 +144,7 @@ class AudioEncoder(nn.Module):
   attention_dropout: float = 0.1
   activation_dropout: float = 0.0
   layerdrop: float = 0.0
+  execution: transformer.Execution = transformer.Execution()  # remat, fused attention
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -167,6 +168,7 @@ class AudioEncoder(nn.Module):
       attention_dropout=self.attention_dropout,
       activation_dropout=self.activation_dropout,
       layerdrop=self.layerdrop,
+      execution=self.execution,
       dtype=self.dtype,
       name="blocks",
     )(x, padding_mask, train=train)

@@ -98,6 +98,7 @@ def build_backbone(
     num_layers=sizes["num_layers"], num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"]
   )
   dim = sizes["dim"]
+  execution = transformer.execution_from_config(model_cfg)
   if modality == "audio":
     frontend = audio.AudioFrontend(dim, sizes["conv_dim"], dtype=dtype)
     encoder = audio.AudioEncoder(
@@ -109,6 +110,7 @@ def build_backbone(
       attention_dropout=model_cfg.attention_dropout,
       activation_dropout=model_cfg.activation_dropout,
       layerdrop=model_cfg.layerdrop,
+      execution=execution,
       dtype=dtype,
     )
     # fairseq: the speech mask embedding is U[0, 1); final_proj is a default torch Linear.
@@ -130,6 +132,7 @@ def build_backbone(
       layer_norm_eps=model_cfg.layer_norm_eps,
       final_norm=final_norm,
       per_layer_bias=relative_bias == "per_layer",
+      execution=execution,
       dtype=dtype,
     )
     # BEiT: the mask token and lm_head are N(0, 0.02) like every other Linear.
@@ -150,6 +153,7 @@ def build_backbone(
       attention_dropout=model_cfg.attention_dropout,
       activation_dropout=model_cfg.activation_dropout,
       layer_norm_eps=model_cfg.layer_norm_eps,
+      execution=execution,
       dtype=dtype,
     )
     return Backbone(frontend, encoder, dim, None, transformer.bert_init, 2 * dim)

@@ -29,7 +29,7 @@ import ml_collections
 from flax import linen as nn
 
 from d2v_jax import masking_v2
-from d2v_jax.models import audio, image, text, v2_layers
+from d2v_jax.models import audio, image, text, transformer, v2_layers
 from d2v_jax.models.data2vec import model_sizes
 
 # BEiT/MAE: the patch projection is Xavier-uniform over the flattened [C·p·p, D] weight.
@@ -67,6 +67,7 @@ class ContextEncoder(nn.Module):
   input_norm: bool = True
   relative_positions: nn.Module | None = None  # speech's convolutional positions
   alibi: bool = False  # speech: ALiBi with learned per-head scales
+  execution: transformer.Execution = transformer.Execution()  # remat, fused attention
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -105,6 +106,7 @@ class ContextEncoder(nn.Module):
       layerdrop=self.layerdrop,
       input_norm=self.input_norm,
       norm_eps=self.norm_eps,
+      execution=self.execution,
       dtype=self.dtype,
       name="blocks",
     )(x, padding_mask, bias, train=train)
@@ -227,6 +229,7 @@ def build_backbone(modality: str, model_cfg: ml_collections.ConfigDict):
     if speech
     else None,
     alibi=speech,
+    execution=transformer.execution_from_config(model_cfg),
     dtype=dtype,
   )
   return _frontend(modality, model_cfg, sizes, dtype), encoder, dim

@@ -168,6 +168,7 @@ class ImageEncoder(nn.Module):
   layer_norm_eps: float = 1e-6
   final_norm: bool = True  # False: BEiT's mean-pooling classifier (it normalises after pooling)
   per_layer_bias: bool = False  # one relative position table per block (BEiT fine-tuning)
+  execution: transformer.Execution = transformer.Execution()  # remat, fused attention
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -194,6 +195,7 @@ class ImageEncoder(nn.Module):
       key_bias=False,
       rescale_init=True,
       layer_norm_eps=self.layer_norm_eps,
+      execution=self.execution,
       dtype=self.dtype,
       name="blocks",
     )(x, padding_mask, bias, train=train)

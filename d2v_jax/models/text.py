@@ -75,6 +75,7 @@ class TextEncoder(nn.Module):
   attention_dropout: float = 0.1
   activation_dropout: float = 0.0
   layer_norm_eps: float = 1e-5
+  execution: transformer.Execution = transformer.Execution()  # remat, fused attention
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -87,6 +88,7 @@ class TextEncoder(nn.Module):
       attention_dropout=self.attention_dropout,
       activation_dropout=self.activation_dropout,
       layer_norm_eps=self.layer_norm_eps,
+      execution=self.execution,
       dtype=self.dtype,
       name="blocks",
     )(x, padding_mask, train=train)

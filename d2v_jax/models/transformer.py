@@ -14,7 +14,13 @@ One `Block` covers both layouts of data2vec 1.0:
 
 Each block returns `(x, {"ffn": f, "block": x})`, so target construction (spec §1.3) picks a
 sublayer without touching the model. Parameter names: `layer_00/attention/query`, `.../fc1`.
+
+`Execution` says how the blocks of every encoder (v1 and v2) run without changing what they
+compute (issue 7): rematerialisation (`nn.remat` with a policy) and the attention kernel
+(`attend`, shared with `v2_layers.AltAttention`).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +40,79 @@ torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"
 # Additive attention bias for padded keys; finite so fully padded rows stay NaN-free.
 _NEG_INF = -1e9
 
+# `config.model.remat` -> what the backward pass keeps of a block's forward pass. "full": only
+# the block's inputs (everything else is recomputed); "dots": also the outputs of the weight
+# matmuls (the attention scores, softmax, GELU and LayerNorms are recomputed: the attention
+# einsums have batch dimensions, so this policy does not save them).
+REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How the blocks run; never what they compute (same parameters, same outputs).
+
+  remat: "none" keeps every activation for the backward pass; else a `REMAT_POLICIES` key.
+  fused_attention: attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel on
+    GPUs for bf16/fp16, XLA's elsewhere) wherever attention dropout is off (rate 0, or not
+    training: the teacher, evaluation). With dropout on, the explicit path runs: the fused
+    kernels have no attention dropout.
+  """
+
+  remat: str = "none"
+  fused_attention: bool = False
+
+
+def execution_from_config(model_cfg) -> Execution:
+  """`Execution` from `config.model.remat` and `config.model.fused_attention` (both optional)."""
+  remat = model_cfg.get("remat", "none")
+  if remat != "none" and remat not in REMAT_POLICIES:
+    raise ValueError(
+      f"config.model.remat={remat!r}: use 'none', {', '.join(map(repr, REMAT_POLICIES))}"
+    )
+  return Execution(remat, bool(model_cfg.get("fused_attention", False)))
+
+
+def block_class(cls: type[nn.Module], execution: Execution) -> type[nn.Module]:
+  """`cls`, a block called as `(x, padding_mask, attention_bias, train)`, rematerialised as
+  `execution.remat` says. `train` is static (argument 4, counting the module): dropout and
+  LayerDrop branch on it in Python. Parameter names do not change."""
+  if execution.remat == "none":
+    return cls
+  return nn.remat(cls, policy=REMAT_POLICIES[execution.remat], static_argnums=(4,))
+
+
+def attention_weights(q, k, padding_mask=None, attention_bias=None, dtype=jnp.float32):
+  """Softmax weights [B, H, Tq, Tk] of scaled queries and keys [B, T, H, Dh]: logits and softmax
+  in float32, padded keys masked with a finite bias; `attention_bias` broadcasts to the logits."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, T, T]
+  if attention_bias is not None:
+    logits = logits + attention_bias.astype(jnp.float32)
+  if padding_mask is not None:
+    logits = jnp.where(padding_mask[:, None, None, :], _NEG_INF, logits)
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def attend(q, k, v, padding_mask, attention_bias, *, dropout: float, train: bool, fused: bool):
+  """Attention output [B, T, H, Dh] of scaled queries and keys/values [B, T, H, Dh].
+
+  padding_mask: [B, T], True at padded keys; attention_bias: broadcastable to [B, H, T, T].
+  Called from a module's compact method (the dropout on the weights is a submodule of it).
+  """
+  if fused and (dropout == 0 or not train):
+    mask = None if padding_mask is None else ~padding_mask[:, None, None, :]  # [B, 1, 1, T]
+    bias = None
+    if attention_bias is not None:  # the API wants 4-D; cuDNN wants the queries' dtype
+      bias = attention_bias.reshape((1,) * (4 - attention_bias.ndim) + attention_bias.shape)
+      bias = bias.astype(q.dtype)
+    # The queries are already scaled (fairseq and HF scale them before the product).
+    return jax.nn.dot_product_attention(q, k, v, bias, mask, scale=1.0)
+  probs = attention_weights(q, k, padding_mask, attention_bias, q.dtype)  # [B, H, T, T]
+  probs = nn.Dropout(dropout)(probs, deterministic=not train)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
+
 
 class MultiHeadAttention(nn.Module):
   """Self-attention with query/key/value/out projections.
@@ -46,6 +125,7 @@ class MultiHeadAttention(nn.Module):
   dropout: float = 0.0
   key_bias: bool = True
   out_init: nn.initializers.Initializer = bert_init
+  fused: bool = False  # `Execution.fused_attention`
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -66,14 +146,9 @@ class MultiHeadAttention(nn.Module):
     q = dense("query")(x) * head_dim**-0.5  # [B, T, H, Dh]
     k = dense("key", self.key_bias)(x)
     v = dense("value")(x)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, T, T]
-    if attention_bias is not None:
-      logits = logits + attention_bias.astype(jnp.float32)
-    if padding_mask is not None:
-      logits = jnp.where(padding_mask[:, None, None, :], _NEG_INF, logits)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
+    out = attend(  # [B, T, H, Dh]
+      q, k, v, padding_mask, attention_bias, dropout=self.dropout, train=train, fused=self.fused
+    )
     return nn.DenseGeneral(
       dim, axis=(-2, -1), kernel_init=self.out_init, dtype=self.dtype, name="out"
     )(out)
@@ -99,10 +174,12 @@ class Block(nn.Module):
   key_bias: bool = True
   layer_norm_eps: float = 1e-5
   out_init: nn.initializers.Initializer = bert_init
+  fused_attention: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, padding_mask, attention_bias=None, *, train: bool):
+  def __call__(self, x, padding_mask, attention_bias=None, train: bool = False):
+    # `train` may be positional, so `block_class` can mark it static for nn.remat.
     dim = x.shape[-1]
     dropout = lambda rate, y: nn.Dropout(rate)(y, deterministic=not train)  # noqa: E731
     # timm's drop_path: the whole branch of a sample is dropped, survivors scaled by 1/(1-p).
@@ -116,6 +193,7 @@ class Block(nn.Module):
       self.attention_dropout,
       self.key_bias,
       self.out_init,
+      fused=self.fused_attention,
       dtype=self.dtype,
       name="attention",
     )
@@ -182,6 +260,7 @@ class Encoder(nn.Module):
   key_bias: bool = True
   rescale_init: bool = False
   layer_norm_eps: float = 1e-5
+  execution: Execution = Execution()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -190,11 +269,12 @@ class Encoder(nn.Module):
     per_block = attention_bias is not None and attention_bias.ndim == 4
     if per_block and attention_bias.shape[0] != self.num_layers:
       raise ValueError(f"{attention_bias.shape[0]} attention biases for {self.num_layers} blocks")
+    block = block_class(Block, self.execution)
     layer_results = []
     for i in range(self.num_layers):
       drop_path = self.drop_path_rate * i / max(self.num_layers - 1, 1)
       out_init = scaled_init((2.0 * (i + 1)) ** -0.5) if self.rescale_init else bert_init
-      y, aux = Block(
+      y, aux = block(
         self.num_heads,
         self.mlp_dim,
         pre_norm=self.pre_norm,
@@ -206,9 +286,10 @@ class Encoder(nn.Module):
         key_bias=self.key_bias,
         layer_norm_eps=self.layer_norm_eps,
         out_init=out_init,
+        fused_attention=self.execution.fused_attention,
         dtype=self.dtype,
         name=f"layer_{i:02d}",
-      )(x, padding_mask, attention_bias[i] if per_block else attention_bias, train=train)
+      )(x, padding_mask, attention_bias[i] if per_block else attention_bias, train)
       x = layer_drop(self, y, x, self.layerdrop, train=train)
       layer_results.append(aux)
     return x, layer_results

@@ -57,25 +57,14 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 # Attention and blocks
 
 
-def attention_probs(q, k, padding_mask=None, attention_bias=None, dtype=jnp.float32):
-  """Softmax attention weights [B, H, Tq, Tk] from scaled queries and keys [B, T, H, Dh].
-
-  The same core as `transformer.MultiHeadAttention`: logits and softmax in float32, padded keys
-  masked with the same finite bias. `attention_bias` [B or 1, H', T, T] with H' ≤ H covers the
-  first H' heads (fairseq adds `alibi_bias` to `attn[:, :H']`); [H, T, T] also broadcasts.
-  """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, T, T]
-  if attention_bias is not None:
-    missing = logits.shape[1] - attention_bias.shape[-3]
-    if missing:
-      pad = [(0, 0)] * attention_bias.ndim
-      pad[-3] = (0, missing)
-      attention_bias = jnp.pad(attention_bias, pad)
-    logits = logits + attention_bias.astype(jnp.float32)
-  if padding_mask is not None:
-    # fairseq fills -inf; a finite value gives the same weights and keeps all-pad rows NaN-free.
-    logits = jnp.where(padding_mask[:, None, None, :], transformer._NEG_INF, logits)
-  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+def bias_for_heads(attention_bias, num_heads: int):
+  """`attention_bias` [B or 1, H', T, T] with H' ≤ H zero-padded to H heads: fairseq adds its
+  `alibi_bias` to `attn[:, :H']`, so a bias with fewer heads covers the first ones."""
+  if attention_bias is None or attention_bias.shape[-3] == num_heads:
+    return attention_bias
+  pad = [(0, 0)] * attention_bias.ndim
+  pad[-3] = (0, num_heads - attention_bias.shape[-3])
+  return jnp.pad(attention_bias, pad)
 
 
 class AltAttention(nn.Module):
@@ -87,6 +76,7 @@ class AltAttention(nn.Module):
   num_heads: int
   attention_dropout: float = 0.0
   dropout: float = 0.0
+  fused: bool = False  # `transformer.Execution.fused_attention`
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -97,9 +87,10 @@ class AltAttention(nn.Module):
       (3, self.num_heads, head_dim), kernel_init=bert_init, dtype=self.dtype, name="qkv"
     )(x)  # [B, T, 3, H, Dh]
     q, k, v = qkv[:, :, 0] * head_dim**-0.5, qkv[:, :, 1], qkv[:, :, 2]
-    probs = attention_probs(q, k, padding_mask, attention_bias, self.dtype)  # [B, H, T, T]
-    probs = nn.Dropout(self.attention_dropout)(probs, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
+    bias = bias_for_heads(attention_bias, self.num_heads)
+    out = transformer.attend(  # [B, T, H, Dh]
+      q, k, v, padding_mask, bias, dropout=self.attention_dropout, train=train, fused=self.fused
+    )
     out = nn.DenseGeneral(dim, axis=(-2, -1), kernel_init=bert_init, dtype=self.dtype, name="out")(
       out
     )  # [B, T, D]
@@ -124,10 +115,12 @@ class AltBlock(nn.Module):
   post_mlp_dropout: float = 0.1
   drop_path: float = 0.0
   norm_eps: float = 1e-5
+  fused_attention: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, padding_mask=None, attention_bias=None, *, train: bool):
+  def __call__(self, x, padding_mask=None, attention_bias=None, train: bool = False):
+    # `train` may be positional, so `transformer.block_class` can mark it static for nn.remat.
     dim = x.shape[-1]
     dropout = lambda rate, y: nn.Dropout(rate)(y, deterministic=not train)  # noqa: E731
     # timm's DropPath: the whole branch of a sample is dropped, survivors scaled by 1/(1-p).
@@ -138,7 +131,12 @@ class AltBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)  # noqa: E731
 
     a = AltAttention(
-      self.num_heads, self.attention_dropout, self.dropout, dtype=self.dtype, name="attention"
+      self.num_heads,
+      self.attention_dropout,
+      self.dropout,
+      fused=self.fused_attention,
+      dtype=self.dtype,
+      name="attention",
     )(x, padding_mask, attention_bias, train=train)
     r = norm("attention_norm")(x + drop_path(a))  # [B, T, D]
     h = dropout(self.activation_dropout, gelu(dense(int(dim * self.mlp_ratio), "fc1")(r)))
@@ -180,6 +178,7 @@ class AltEncoder(nn.Module):
   input_norm: bool = False
   input_dropout: float = 0.0
   norm_eps: float = 1e-5
+  execution: transformer.Execution = transformer.Execution()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -190,12 +189,13 @@ class AltEncoder(nn.Module):
       x = nn.LayerNorm(self.norm_eps, dtype=self.dtype, name="input_norm")(x)
     x = nn.Dropout(self.input_dropout)(x, deterministic=not train)
     rates = drop_path_rates(self.start_drop_path_rate, self.end_drop_path_rate, self.num_layers)
+    block = transformer.block_class(AltBlock, self.execution)
     layer_results = []
     for i, rate in enumerate(rates):
       bias = attention_bias
       if bias is not None and alibi_scale is not None:
         bias = bias * alibi_scale[i if alibi_scale.shape[0] > 1 else 0].astype(bias.dtype)
-      y, aux = AltBlock(
+      y, aux = block(
         self.num_heads,
         self.mlp_ratio,
         dropout=self.dropout,
@@ -204,9 +204,10 @@ class AltEncoder(nn.Module):
         post_mlp_dropout=self.post_mlp_dropout,
         drop_path=rate,
         norm_eps=self.norm_eps,
+        fused_attention=self.execution.fused_attention,
         dtype=self.dtype,
         name=f"layer_{i:02d}",
-      )(x, padding_mask, bias, train=train)
+      )(x, padding_mask, bias, train)
       x = transformer.layer_drop(self, y, x, self.layerdrop, train=train)
       layer_results.append(aux)
     return x, layer_results
