@@ -98,7 +98,7 @@ def make_jobs(args) -> list[dict]:
   fields = ("steps", "warmup", "batch_size", "audio_length", "text_length", "peak_size")
   common = {k: getattr(args, k) for k in fields}
   return [
-    dict(common, modality=m, variant=v, version=int(n), dtype=d, remat=r, fused_attention=int(f))
+    dict(common, modality=m, variant=v, version=int(n), dtype=d, remat=r, fused_attention=f == "1")
     for m in expand(args.modality, MODALITIES)
     for v in expand(args.variant, ("tiny", "base", "large"))
     for n in expand(args.version, ("1", "2"))
@@ -109,7 +109,7 @@ def make_jobs(args) -> list[dict]:
 
 
 # What a job changes from the plain float32 step, and the values that make the baseline.
-EXECUTION_DEFAULTS = dict(dtype="float32", remat="none", fused_attention=0)
+EXECUTION_DEFAULTS = dict(dtype="float32", remat="none", fused_attention=False)
 
 
 def job_name(job: dict) -> str:

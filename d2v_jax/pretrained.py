@@ -75,8 +75,16 @@ def load_pretrained(path: str | pathlib.Path) -> PretrainedRun:
     },
   )
   try:
+    # Every leaf is read whole into host numpy on every process (the target's zeros only give
+    # shapes and dtypes). Without a target orbax restores the saved device layout, which it
+    # refuses ("Topology mismatch") under another process count: a one-process pretraining run
+    # fine-tuned by several processes, or a multi-host one by a single process.
+    target = jax.tree.map(
+      lambda m: np.zeros(m.shape, m.dtype), manager.item_metadata(step)["state"]
+    )
     restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
     )
   except Exception as error:  # orbax's errors name its internals, not what the user passed
     raise ValueError(

@@ -240,5 +240,6 @@ def probe_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluate_lib.load_probe_sets(config),
   )
   result["step"] = latest
-  (workdir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+  if jax.process_index() == 0:  # several processes (main.py's flags) probe alike; one writes
+    (workdir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
   return result

@@ -23,7 +23,12 @@ jax.config.update("jax_threefry_partitionable", True)
 
 
 # Test files whose tests take minutes each (tests/test_notebooks.py runs whole notebooks).
-_LONGEST_FIRST = ("tests/test_notebooks.py", "tests/test_multihost.py", "tests/test_train.py")
+_LONGEST_FIRST = (
+  "tests/test_notebooks.py",
+  "tests/test_multihost.py",
+  "tests/test_multihost_finetune.py",
+  "tests/test_train.py",
+)
 
 
 def pytest_collection_modifyitems(items):

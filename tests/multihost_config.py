@@ -30,7 +30,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "loop.log_every": 1,
       "loop.progress_bar": False,
       "loop.fsdp_min_mb": 0.0,
+      # Off unless asked (`--config.probe.enabled=true`): then the linear probe (one seed) and
+      # the kNN probe after update 2 (metrics.jsonl) and of the initial and the final encoder
+      # (probe.json); each costs seconds of compilation and fitting.
       "probe.enabled": False,
+      "probe.every": 2,
+      "probe.seeds": (0,),
     }
   )
   return config

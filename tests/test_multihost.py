@@ -4,19 +4,18 @@ Two `main.py` processes with 2 CPU devices each join on loopback (`--coordinator
 gloo collectives) and pretrain a tiny image model (tests/multihost_config.py) for 3 steps with
 FSDP (mesh data=2 x fsdp=2); meanwhile this process trains the same config data-parallel on its
 4 devices. Both must end with the same student, teacher and Adam state, and the same losses.
+Both runs also probe the encoder (linear and kNN) after update 2 and, at the end, the initial
+and the trained encoder: every process gathers the FSDP-split parameters and probes them,
+process 0 alone reports, so the two-process scores must be the one-process ones.
 The two-process run's step-2 checkpoint is then resumed by ONE process on ONE device with
 fsdp=1 (another process count, device count and layout), which must reach this process's
-step-3 state. The time goes into compiling the train step four times, three of them in
-parallel.
+step-3 state; the two-process run also loads here as pretrained weights (fine-tuning's
+start). The time goes into compiling the train step four times, three of them in parallel.
+Fine-tuning with several processes: tests/test_multihost_finetune.py.
 """
 
 import json
-import os
-import pathlib
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,67 +23,20 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from d2v_jax import checkpoint, sharding, train
+from d2v_jax import checkpoint, pretrained, sharding, train
 from d2v_jax.data import image as image_data
 from tests import multihost_config
+from tests.multihost import assert_states_close, launch, metric_rows, wait
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT = 300  # seconds for one launch (mostly compilation)
+CONFIG = "tests/multihost_config.py"
+# The fixture's runs probe the encoder (tests/multihost_config.py); the resumed run does not.
+PROBE = {"probe.enabled": True}
 
 
 def tiny_config(**overrides):
   config = multihost_config.get_config()
   config.update_from_flattened_dict(overrides)
   return config
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def launch(workdir, num_processes: int, local_devices: int, logs: pathlib.Path, **overrides):
-  """Starts `num_processes` main.py processes on loopback; returns [(Popen, log path)]."""
-  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
-  }
-  coordinator = f"localhost:{free_port()}"
-  procs = []
-  for i in range(num_processes):
-    cmd = [sys.executable, "main.py", "--config=tests/multihost_config.py", f"--workdir={workdir}"]
-    cmd += flags
-    if num_processes > 1:
-      cmd += [
-        f"--coordinator_address={coordinator}",
-        f"--num_processes={num_processes}",
-        f"--process_id={i}",
-      ]
-    log = logs / f"{pathlib.Path(workdir).name}_{i}.log"
-    with open(log, "w") as out:
-      procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out), log))
-  return procs
-
-
-def wait(procs) -> list[str]:
-  """Waits for every process; returns their logs; fails with the logs' tails if one failed."""
-  try:
-    codes = [p.wait(timeout=TIMEOUT) for p, _ in procs]
-  finally:
-    for p, _ in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  texts = [log.read_text() for _, log in procs]
-  if any(codes):
-    tails = "\n".join(
-      f"--- process {i} (exit {c}):\n{t[-3000:]}" for i, (c, t) in enumerate(zip(codes, texts))
-    )
-    pytest.fail(f"a process failed:\n{tails}")
-  return texts
 
 
 def restore(workdir, step: int):
@@ -98,18 +50,8 @@ def restore(workdir, step: int):
   return jax.device_get(state)
 
 
-def assert_states_close(a, b):
-  assert int(a.step) == int(b.step)
-  paths_a, leaves_a = zip(*jax.tree_util.tree_leaves_with_path((a.params, a.teacher, a.opt_state)))
-  leaves_b = jax.tree.leaves((b.params, b.teacher, b.opt_state))
-  assert len(leaves_a) == len(leaves_b) > 10
-  for path, x, y in zip(paths_a, leaves_a, leaves_b):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
-
-
 def losses(workdir) -> list[float]:
-  rows = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [json.loads(row)["loss"] for row in rows]
+  return [row["loss"] for row in metric_rows(workdir)]
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +59,9 @@ def runs(tmp_path_factory):
   """(two-process FSDP workdir, one-process data-parallel workdir, the two processes' logs)."""
   root = tmp_path_factory.mktemp("multihost")
   multi, single = root / "two_processes", root / "one_process"
-  procs = launch(multi, 2, 2, root, **{"loop.fsdp": 2})
+  procs = launch(CONFIG, multi, 2, 2, root, **{"loop.fsdp": 2, **PROBE})
   try:
-    train.train_and_evaluate(tiny_config(), single)  # meanwhile: 1 process, 4 devices, fsdp=1
+    train.train_and_evaluate(tiny_config(**PROBE), single)  # meanwhile: 1 process, 4 devices
   finally:
     logs = wait(procs)
   return multi, single, logs, root
@@ -142,18 +84,46 @@ def test_two_fsdp_processes_train_like_one_data_parallel_process(runs):
   assert len(losses(multi)) == 3
 
 
+def test_two_processes_probe_like_one_process(runs):
+  """The probe after update 2 (metrics.jsonl) and the final report of the initial and the
+  trained encoder (probe.json) score as one process's do; process 0 alone logs and writes them."""
+  multi, single, logs, _ = runs
+  keys = ("step", "probe_acc", "probe_knn_acc")
+  probes = [[row.get(k) for k in keys] for row in metric_rows(multi)]
+  assert [p[0] for p in probes if p[1] is not None] == [2]  # probe.every = 2
+  # Accuracies on the same 355 test digits from features equal up to float rounding: equal,
+  # not close.
+  assert probes == [[row.get(k) for k in keys] for row in metric_rows(single)]
+  report = json.loads((multi / "probe.json").read_text())
+  assert report == json.loads((single / "probe.json").read_text())
+  assert report["seeds"] == [0] and report["pretrained_mean"] > 0.2  # chance: 0.1
+  assert "Probe: random init" in logs[0] and "Probe: " not in logs[1]
+
+
 def test_checkpoint_restores_on_another_topology(runs):
   """2 processes x 2 devices with fsdp=2 -> 1 process on 1 device: the same step 3."""
   multi, single, _, root = runs
   resumed = root / "resumed"
   shutil.copytree(multi, resumed)
   shutil.rmtree(resumed / "checkpoints" / "3")
-  (log,) = wait(launch(resumed, 1, 1, root))
+  (log,) = wait(launch(CONFIG, resumed, 1, 1, root))
   assert "Process 0 of 1; 1 local devices" in log
   assert "Resumed from step 2" in log
   assert "Data position from process_0-of-2.json" in log
   assert_states_close(restore(resumed, 3), restore(single, 3))
   np.testing.assert_allclose(losses(resumed)[-1], losses(single)[-1], rtol=1e-5)
+
+
+def test_two_process_run_loads_as_pretrained_weights_in_one_process(runs):
+  """Fine-tuning, extraction and conversion read a multi-host pretraining run in one process
+  (`pretrained.load_pretrained`: orbax once refused this as a topology mismatch)."""
+  multi, single, _, _ = runs
+  run = pretrained.load_pretrained(multi)
+  assert run.step == 3 and run.modality == "image"
+  want = restore(single, 3).params
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-6), run.params, want
+  )
 
 
 def test_processes_load_disjoint_rows_of_one_global_batch():
