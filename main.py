@@ -102,6 +102,21 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("runs", default_run_name(config))
   logging.info("Work directory: %s", os.path.abspath(workdir))
 
+  try:
+    run_mode(config, workdir)
+  except Exception:
+    if jax.process_count() == 1:
+      raise
+    # jax's shutdown waits at a barrier for every process, so a process that failed alone
+    # would hang there (minutes, until the coordination timeout) with its error unprinted.
+    logging.exception(
+      "Process %d failed; exiting without the shutdown barrier", jax.process_index()
+    )
+    logging.flush()
+    os._exit(1)
+
+
+def run_mode(config, workdir: str) -> None:
   from d2v_jax import extract, finetune, train
 
   if config.mode == "pretrain":

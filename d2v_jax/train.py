@@ -166,9 +166,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = loop.jit_step(make_step(model, tx, schedule, config), mesh, state_sharding)
   probe_sets = evaluate_lib.load_probe_sets(config) if config.probe.enabled else None
 
+  last_probe = {}  # the newest periodic probe's step and scores
+
   def probe(state):
     params = sharding.local_copy(state.params, mesh)
     scores = evaluate_lib.probe_scores(model, params, config.probe, *probe_sets)
+    last_probe.update(step=int(state.step), scores=scores)
     return {"probe_acc": float(np.mean(scores["linear"])), "probe_knn_acc": scores["knn"]}
 
   writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
@@ -190,17 +193,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.close()
   if config.probe.enabled:
     params = sharding.local_copy(state.params, mesh)
-    result = probe_report(model, initial_params, params, config.probe, probe_sets)
+    # When the loop's last probe scored this very state, its scores are reused (same features,
+    # same seeds: the same numbers) instead of probing the same parameters twice.
+    done = last_probe["scores"] if last_probe.get("step") == int(state.step) else None
+    result = probe_report(model, initial_params, params, config.probe, probe_sets, done)
     if jax.process_index() == 0:
       (workdir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     last.update(probe_pretrained=result["pretrained_mean"], probe_random=result["random_mean"])
   return last
 
 
-def probe_report(model, initial_params, params, probe_cfg, probe_sets) -> dict:
-  """Linear-probe (per seed, mean) and kNN accuracies of the encoder at initialisation and now."""
+def probe_report(model, initial_params, params, probe_cfg, probe_sets, trained=None) -> dict:
+  """Linear-probe (per seed, mean) and kNN accuracies of the encoder at initialisation and now;
+  `trained`: the scores of `params` when they are already known."""
   random = evaluate_lib.probe_scores(model, initial_params, probe_cfg, *probe_sets)
-  trained = evaluate_lib.probe_scores(model, params, probe_cfg, *probe_sets)
+  if trained is None:
+    trained = evaluate_lib.probe_scores(model, params, probe_cfg, *probe_sets)
   result = {
     "seeds": list(probe_cfg.seeds),
     "random": random["linear"],

@@ -73,8 +73,15 @@ def test_word_clips_are_padded_normalised_and_labelled():
 
 @pytest.mark.parametrize("modality", ["audio", "image"])
 def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path, modality):
+  """Images also probe during training, every 2 steps of 2: the end-of-run report reuses that
+  last probe's scores, which must be what `mode=probe` computes afresh on the checkpoint."""
   config = tiny_config(total_steps=2, modality=modality)
+  if modality == "image":
+    config.probe.update(enabled=True, seeds=(0,), every=2)
   train.train_and_evaluate(config, tmp_path)
+  during_training = (
+    json.loads((tmp_path / "probe.json").read_text()) if modality == "image" else None
+  )
   with config.unlocked():
     config.probe.update(enabled=True, seeds=(0,))
     config.mode = "probe"  # as main.py sets it: reads the pretraining checkpoint
@@ -84,6 +91,9 @@ def test_probe_mode_scores_checkpoint_and_initialisation(tmp_path, modality):
     assert len(result[key]) == 1 and 0.0 <= result[key][0] <= 1.0
     assert 0.0 <= result[f"{key}_knn"] <= 1.0
   assert json.loads((tmp_path / "probe.json").read_text())["step"] == 2
+  if during_training:
+    for key in ("random", "pretrained", "random_knn", "pretrained_knn"):
+      assert during_training[key] == result[key], key
 
 
 def test_digit_probe_sets_are_the_stratified_split_at_the_models_resolution():

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench import trace as trace_summary
 from configs import image as image_config
 from d2v_jax import loop, train
 from d2v_jax.models import transformer
@@ -166,6 +167,9 @@ def test_a_run_makes_no_implicit_transfers_and_traces_the_chosen_steps(tmp_path,
   assert np.isfinite(last["loss"])
   traces = list(pathlib.Path(tmp_path, "run", "profile").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
+  total, count = trace_summary.op_times(traces[0])  # bench/trace.py reads it: the step's ops
+  step_ops = {op: ns for (module, op), ns in total.items() if "step" in module}
+  assert step_ops and sum(step_ops.values()) > 0
 
   jit_step = loop.jit_step
 
