@@ -89,19 +89,27 @@ def make_jobs(args) -> list[dict]:
 # One modality (in a child process, or in-process from a test)
 
 
+def step_job(job: dict) -> dict:
+  """The `bench/step.py` job of `job`: main.py's tiny config at its own batch and length, with
+  the default execution choices."""
+  return dict(
+    modality=job["modality"],
+    variant=VARIANT,
+    version=job["version"],
+    batch_size=0,  # the config's
+    text_length=0,
+  )
+
+
+def job_name(job: dict) -> str:
+  """e.g. `text-tiny-v1`."""
+  return step_bench.job_name(step_job(job))
+
+
 def make_config(job: dict):
   """`configs/<modality>.py:variant=tiny,version=...` as main.py builds it (the text vocabulary
   from the embedded tokenizer), through `bench/step.py`."""
-  return step_bench.make_config(
-    dict(
-      modality=job["modality"],
-      variant=VARIANT,
-      version=job["version"],
-      batch_size=0,  # the config's
-      text_length=0,
-      dtype="float32",
-    )
-  )
+  return step_bench.make_config(step_job(job))
 
 
 def count_units(config, batch: dict) -> float:
@@ -230,7 +238,7 @@ def table_rows(results: list[dict]) -> list[dict]:
     for p in r["pipelines"]:
       rows.append(
         dict(
-          config=f"{r['modality']}-{VARIANT}-v{r['version']}",
+          config=job_name(r),
           batch=r["batch_size"],
           workers=p["workers"],
           batches_per_s=p["batches_per_s"],
@@ -265,7 +273,7 @@ def format_details(results: list[dict]) -> str:
   """Per modality: the start-up of each pipeline, the window rates, the step per batch shape."""
   lines = []
   for r in results:
-    lines.append(f"{r['modality']}-{VARIANT}-v{r['version']} (load {r['load_average']:.1f}):")
+    lines.append(f"{job_name(r)} (load {r['load_average']:.1f}):")
     for p in r["pipelines"]:
       window_rates = ", ".join(f"{w['batches'] / w['seconds']:.4g}" for w in p["windows"])
       lines.append(
@@ -291,7 +299,7 @@ def main(argv=None) -> None:
   print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
   results = []
   for job in make_jobs(args):
-    print(f"... {job['modality']}-{VARIANT}-v{job['version']}", flush=True)
+    print(f"... {job_name(job)}", flush=True)
     result = step_bench.run_child([sys.executable, "-m", "bench.data", "--worker", json.dumps(job)])
     if result is not None:
       results.append(result)

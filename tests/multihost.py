@@ -3,7 +3,8 @@ tests/test_multihost_finetune.py: fine-tuning).
 
 `launch` starts real `main.py` processes joined by `jax.distributed` on loopback, each with its
 own CPU devices, log file and process id; `wait` fails the test with every process's log tail
-as soon as one of them fails, or when they hang. `assert_states_close` compares two runs' train
+as soon as one of them fails, or when they hang; `wait_beside` runs the one-process reference
+meanwhile. `assert_states_close` compares two runs' train
 states leaf by leaf, `metric_rows` reads a run's metrics.jsonl.
 """
 
@@ -93,6 +94,16 @@ def wait(procs) -> list[str]:
     )
     pytest.fail(f"a process failed or hung:\n{tails}")
   return texts
+
+
+def wait_beside(procs, reference) -> list[str]:
+  """Runs `reference()` (the one-process run to compare with) while `procs` run, then `wait`s
+  for them, also when the reference raised; returns their logs."""
+  try:
+    reference()
+  finally:
+    logs = wait(procs)
+  return logs
 
 
 def assert_states_close(a, b):

@@ -337,7 +337,7 @@ def released_shapes_match(out, expected_table, *, model_name):
   common.check_state_dict(
     base_model_keys(out),
     expected_table.shapes(),
-    model_name=model_name,
+    what=f"HF {model_name} state dict",
     prefix=out.prefix,
     unchecked=(
       "encoder.relative_position_bias.relative_position_index",

@@ -4,7 +4,8 @@
   and biases; with attention dropout in training the explicit path runs.
 - Rematerialisation ("full", "dots") and fused attention leave a data2vec 1.0 and a 2.0
   pretraining step's losses and updates unchanged, while "full" really shrinks the backward
-  pass's temporary memory (XLA's own count of the compiled gradient).
+  pass's temporary memory (XLA's own count of the compiled gradient). Blocks still require
+  `train`, which nn.remat needs positional.
 - A bfloat16 step keeps float32 parameters, optimiser state, targets and loss, and its loss
   stays near float32's.
 - A whole run (`train_and_evaluate`: data, steps, logging, checkpoints) makes no implicit
@@ -22,7 +23,7 @@ import pytest
 from bench import trace as trace_summary
 from configs import image as image_config
 from d2v_jax import loop, train
-from d2v_jax.models import transformer
+from d2v_jax.models import transformer, v2_layers
 from tests import helpers, multihost_config
 
 
@@ -127,6 +128,21 @@ def test_execution_choices_leave_the_step_unchanged(version, fields):
   for path, x in jax.tree_util.tree_leaves_with_path(got.params):
     y = functools.reduce(lambda t, p: t[p.key], path, want.params)
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize(
+  "block, sizes",
+  [(transformer.Block, dict(mlp_dim=32)), (v2_layers.AltBlock, {})],
+  ids=["Block", "AltBlock"],
+)
+def test_blocks_require_train(block, sizes, remat):
+  """`train` is positional for nn.remat, yet a call without it fails instead of evaluating."""
+  module = transformer.block_class(block, transformer.Execution(remat))(num_heads=2, **sizes)
+  x = jnp.ones((2, 5, 16))
+  params = module.init(jax.random.key(0), x, None, None, False)
+  with pytest.raises(TypeError, match=f"{block.__name__} needs train="):
+    module.apply(params, x, None)
 
 
 def test_full_remat_shrinks_the_backward_pass_memory():

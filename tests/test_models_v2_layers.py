@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from d2v_jax.models import image, transformer, v2_layers
+from d2v_jax.models import conv, image, transformer, v2_layers
 
 D, H, T = 8, 2, 6
 
@@ -478,7 +478,7 @@ def test_grouped_conv_equals_flax_conv(shape, kernel, groups):
   with the same parameters (1-D and 2-D, odd and even padding split)."""
   x = jax.random.normal(jax.random.key(0), shape)
   padding = (kernel // 2, (kernel - 1) // 2)
-  ours = v2_layers.GroupedConv(6 * groups, kernel, groups, padding, fan_in=8)
+  ours = conv.GroupedConv(6 * groups, kernel, groups, padding, nn.initializers.normal(1.0))
   params = ours.init(jax.random.key(1), x)
   reference = nn.Conv(
     6 * groups,

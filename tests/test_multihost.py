@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from d2v_jax import checkpoint, pretrained, sharding, train
 from d2v_jax.data import image as image_data
 from tests import multihost_config
-from tests.multihost import assert_states_close, launch, metric_rows, wait
+from tests.multihost import assert_states_close, launch, metric_rows, wait, wait_beside
 
 CONFIG = "tests/multihost_config.py"
 # The fixture's runs probe the encoder (tests/multihost_config.py); the resumed run does not.
@@ -60,10 +60,8 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   multi, single = root / "two_processes", root / "one_process"
   procs = launch(CONFIG, multi, 2, 2, root, **{"loop.fsdp": 2, **PROBE})
-  try:
-    train.train_and_evaluate(tiny_config(**PROBE), single)  # meanwhile: 1 process, 4 devices
-  finally:
-    logs = wait(procs)
+  # Meanwhile: 1 process, 4 devices.
+  logs = wait_beside(procs, lambda: train.train_and_evaluate(tiny_config(**PROBE), single))
   return multi, single, logs, root
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from d2v_jax import checkpoint, finetune, sharding, train
 from tests import helpers, multihost_config, multihost_finetune_config
-from tests.multihost import assert_states_close, launch, metric_rows, wait
+from tests.multihost import assert_states_close, launch, metric_rows, wait_beside
 
 CONFIG = "tests/multihost_finetune_config.py"
 NUM_CLASSES = 10  # the digits'
@@ -65,10 +65,10 @@ def runs(tmp_path_factory):
 
   multi, single = root / "two_processes", root / "one_process"
   procs = launch(CONFIG, multi, 2, 2, root, **{"loop.fsdp": 2, "init.pretrained": pretrained})
-  try:
-    finetune.finetune_and_evaluate(finetune_config(pretrained), single)  # 1 process, 4 devices
-  finally:
-    logs = wait(procs)
+  # Meanwhile: 1 process, 4 devices.
+  logs = wait_beside(
+    procs, lambda: finetune.finetune_and_evaluate(finetune_config(pretrained), single)
+  )
   return multi, single, pretrained, logs
 
 

@@ -6,9 +6,10 @@ transformer has (LayerNorm, Linear, attention heads). This module does the rest 
 all of them:
 
 - `config_dict`, `Requirements`, `variant_for`: reading and validating the HF config.
-- `check_state_dict`: sorts a state dict against the expected keys (under a task-model `prefix`)
-  and raises one `ConversionError` listing every unknown, missing and mis-shaped key, with the
-  converter's hints (`prefix_hints` gives those about task-model prefixes).
+- `check_state_dict`: sorts a state dict (HF's or fairseq's) against the expected keys (under a
+  task-model `prefix`) and raises one `ConversionError` listing every unknown, missing and
+  mis-shaped key, with the converter's hints (`prefix_hints` gives those about task-model
+  prefixes).
 - `convert` and `params_tree`: HF arrays -> our tree, completed from `init_params`
   (`init_shapes_and_head` makes those) and checked against it leaf by leaf.
 - `export_state_dict`: our params -> an HF state dict (the converters that export).
@@ -210,23 +211,26 @@ def check_state_dict(
   state_dict: Mapping[str, Any],
   shapes: Mapping[str, tuple[int, ...]],
   *,
-  model_name: str,
+  what: str,
   prefix: str = "",
   optional: Collection[str] = (),
+  missing_ok: bool = False,
   unchecked: Collection[str] = (),
   hints: Callable[[list[str], str], list[str]] | None = None,
   extra: Callable[[dict[str, Any]], list[str]] | None = None,
   head_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
-  """Sorts an HF state dict into the keys a converter reads, or raises listing every problem.
+  """Sorts a state dict (HF's, or a fairseq checkpoint's) into the keys a converter reads, or
+  raises listing every problem.
 
   Args:
     state_dict: HF name -> array (numpy, or anything `np.shape` accepts).
     shapes: every key the converter reads (without `prefix`) -> its shape in HF.
-    model_name: the HF model in the error message, e.g. "Data2VecAudio".
+    what: the checked dict in the error message, e.g. "HF Data2VecAudio state dict".
     prefix: prefix of the base-model keys in a task model's state dict. Keys outside it (task
       heads) are reported as unknown, not dropped.
     optional: keys of `shapes` that may be absent.
+    missing_ok: every key of `shapes` may be absent (a partial dict such as an EMA teacher's).
     unchecked: further keys that are accepted as they are (not shape-checked, may be absent): a
       buffer that `extra` validates.
     hints: (unknown keys, prefix) -> explanations, listed right after the unknown keys.
@@ -252,7 +256,9 @@ def check_state_dict(
       given[name] = value
     else:
       unknown.append(key)
-  missing = [prefix + k for k in shapes if k not in given and k not in optional]
+  missing = (
+    [] if missing_ok else [prefix + k for k in shapes if k not in given and k not in optional]
+  )
   missing += [k for k in head_shapes if k not in given]
   full_names = {**{prefix + k: v for k, v in shapes.items()}, **head_shapes}
   misshaped = [
@@ -272,7 +278,7 @@ def check_state_dict(
     if misshaped:
       lines.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(sorted(misshaped)))
     lines += problems
-    raise ConversionError(f"HF {model_name} state dict does not match:\n  " + "\n  ".join(lines))
+    raise ConversionError(f"{what} does not match:\n  " + "\n  ".join(lines))
   return given
 
 

@@ -405,31 +405,6 @@ def _positions_problem(value, sizes: dict) -> list[str]:
   return []
 
 
-def _check(
-  table: common.KeyTable, arrays: Mapping[str, Any], what: str, optional=(), partial=False
-) -> dict:
-  """The arrays `table` reads, or a ConversionError listing every unknown, missing (unless
-  `partial`) and mis-shaped key (`optional` keys may be absent or present unread)."""
-  shapes = table.shapes()
-  unknown = sorted(k for k in arrays if k not in shapes and k not in optional)
-  missing = [] if partial else sorted(k for k in shapes if k not in arrays)
-  misshaped = sorted(
-    f"{k}: got {tuple(np.shape(v))}, expected {shapes[k]}"
-    for k, v in arrays.items()
-    if k in shapes and tuple(np.shape(v)) != shapes[k]
-  )
-  lines = []
-  if unknown:
-    lines.append(f"unknown keys ({len(unknown)}): " + ", ".join(unknown))
-  if missing:
-    lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-  if misshaped:
-    lines.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
-  if lines:
-    raise common.ConversionError(f"data2vec 2.0 {what} does not match:\n  " + "\n  ".join(lines))
-  return {k: v for k, v in arrays.items() if k in shapes}
-
-
 def _upgrade(arrays: dict) -> dict:
   """fairseq's `upgrade_state_dict_named`: 4-D ALiBi scales of older checkpoints gain an axis."""
   return {
@@ -447,7 +422,13 @@ def _teacher_leaves(modality: str, ema: Mapping[str, Any], table: common.KeyTabl
   if problems:
     raise common.ConversionError("EMA teacher: " + problems[0])
   # The teacher holds only what its modality EMAs (spec §2.3); our teacher copies the rest.
-  given = _check(table, ema, "EMA teacher (`_ema`)", optional=(m + _POSITIONS,), partial=True)
+  given = common.check_state_dict(
+    ema,
+    table.shapes(),
+    what="data2vec 2.0 EMA teacher (`_ema`)",
+    unchecked=(m + _POSITIONS,),  # checked above; our model computes them
+    missing_ok=True,
+  )
   return common.convert(given, table)
 
 
@@ -481,7 +462,9 @@ def from_fairseq(
   table = key_table(modality, model_cfg, mod_name)
   full = common.KeyTable({prefix + k: e for k, e in table.items()} | head_keys)
   positions = prefix + keys.mod + _POSITIONS
-  given = _check(full, arrays, f"{modality} checkpoint", optional=(positions,))
+  given = common.check_state_dict(
+    arrays, full.shapes(), what=f"data2vec 2.0 {modality} checkpoint", unchecked=(positions,)
+  )
   dropped = []
   if positions in arrays:
     problems = _positions_problem(arrays[positions], model_cfg)

@@ -228,7 +228,7 @@ def params_from_hf(
   given = common.check_state_dict(
     state_dict,
     expected.shapes(),
-    model_name="Data2VecAudio",
+    what="HF Data2VecAudio state dict",
     prefix=prefix,
     optional=() if _has_mask_embedding(c) else ("masked_spec_embed",),
     hints=_hints,

@@ -318,7 +318,7 @@ def params_from_hf(
   given = common.check_state_dict(
     state_dict,
     expected.shapes(),
-    model_name="Data2VecVision",
+    what="HF Data2VecVision state dict",
     prefix=prefix,
     unchecked=index_keys,
     hints=_hints,

@@ -308,7 +308,7 @@ def params_from_hf(
   given = common.check_state_dict(
     state_dict,
     shapes,
-    model_name="Data2VecText",
+    what="HF Data2VecText state dict",
     prefix=prefix,
     optional=optional,
     hints=_hints,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from d2v_jax.models import transformer
+from d2v_jax.models import conv, transformer
 
 CONV_KERNELS = (10, 3, 3, 3, 3, 2, 2)
 CONV_STRIDES = (5, 2, 2, 2, 2, 2, 2)
@@ -95,7 +95,8 @@ class AudioFrontend(nn.Module):
 
 
 class ConvPositionalEncoding(nn.Module):
-  """`depth` × [grouped Conv1d (same length) -> LayerNorm without affine -> GELU]."""
+  """`depth` × [grouped Conv1d (same length) -> LayerNorm without affine -> GELU]
+  (`conv.same_conv_layer`)."""
 
   depth: int = 5
   kernel_size: int = 19
@@ -105,26 +106,14 @@ class ConvPositionalEncoding(nn.Module):
   @nn.compact
   def __call__(self, x, padding_mask=None):
     dim = x.shape[-1]
-    k = self.kernel_size
     for j in range(self.depth):
       if padding_mask is not None:
         # Padded frames must read as zeros at every layer, as the edge of an unpadded clip does;
         # zeroing only the input (fairseq, HF) lets layer j's output at padded frames leak into
         # valid frames from layer j + 1 on: up to 5 × 9 frames deep (HF issue 25621).
         x = jnp.where(padding_mask[..., None], 0, x)
-      x = nn.Conv(
-        dim,
-        (k,),
-        padding=[(k // 2, k // 2)],
-        feature_group_count=self.groups,
-        kernel_init=transformer.torch_default_init,
-        dtype=self.dtype,
-        name=f"conv_{j}",
-      )(x)
-      if k % 2 == 0:  # SamePad: an even kernel with padding k//2 yields one extra frame
-        x = x[:, :-1]
-      x = nn.LayerNorm(epsilon=1e-5, use_bias=False, use_scale=False, dtype=self.dtype)(x)
-      x = transformer.gelu(x)
+      # Bias init zeros, as fairseq's and HF's pos_conv.
+      x = conv.same_conv_layer(x, dim, self.kernel_size, self.groups, self.dtype, f"conv_{j}")
     return x
 
 

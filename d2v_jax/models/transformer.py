@@ -81,7 +81,22 @@ def block_class(cls: type[nn.Module], execution: Execution) -> type[nn.Module]:
   LayerDrop branch on it in Python. Parameter names do not change."""
   if execution.remat == "none":
     return cls
-  return nn.remat(cls, policy=REMAT_POLICIES[execution.remat], static_argnums=(4,))
+  rematerialised = nn.remat(cls, policy=REMAT_POLICIES[execution.remat], static_argnums=(4,))
+
+  class Checked(rematerialised):
+    def __call__(self, x, padding_mask=None, attention_bias=None, train=None):
+      check_train(train, cls)  # before nn.remat, whose error would not say what is missing
+      return super().__call__(x, padding_mask, attention_bias, train)
+
+  return Checked
+
+
+def check_train(train, block: nn.Module | type[nn.Module]) -> None:
+  """Blocks take `train` positionally (nn.remat marks it static by position) but still require
+  it: a forgotten `train` would silently switch dropout off."""
+  if train is None:
+    name = (block if isinstance(block, type) else type(block)).__name__
+    raise TypeError(f"{name} needs train=True or train=False")
 
 
 def attention_weights(q, k, padding_mask=None, attention_bias=None, dtype=jnp.float32):
@@ -178,8 +193,9 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, padding_mask, attention_bias=None, train: bool = False):
+  def __call__(self, x, padding_mask, attention_bias=None, train: bool | None = None):
     # `train` may be positional, so `block_class` can mark it static for nn.remat.
+    check_train(train, self)
     dim = x.shape[-1]
     dropout = lambda rate, y: nn.Dropout(rate)(y, deterministic=not train)  # noqa: E731
     # timm's drop_path: the whole branch of a sample is dropped, survivors scaled by 1/(1-p).

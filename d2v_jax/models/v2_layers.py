@@ -31,7 +31,6 @@ Parameter layouts (for converters; torch Linear weights are [out, in]):
       the proj Sequential, proj_j <- its j-th hidden Linear (index 2j).
 """
 
-import itertools
 import math
 
 import jax
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from d2v_jax.models import transformer
+from d2v_jax.models import conv, transformer
 from d2v_jax.models.transformer import bert_init, gelu, torch_default_init
 
 
@@ -119,8 +118,9 @@ class AltBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, padding_mask=None, attention_bias=None, train: bool = False):
+  def __call__(self, x, padding_mask=None, attention_bias=None, train: bool | None = None):
     # `train` may be positional, so `transformer.block_class` can mark it static for nn.remat.
+    transformer.check_train(train, self)
     dim = x.shape[-1]
     dropout = lambda rate, y: nn.Dropout(rate)(y, deterministic=not train)  # noqa: E731
     # timm's DropPath: the whole branch of a sample is dropped, survivors scaled by 1/(1-p).
@@ -295,70 +295,10 @@ def masked_alibi(bias, keep_ids):
 # Convolutional decoders
 
 
-class GroupedConv(nn.Module):
-  """A stride-1 grouped convolution over the middle axes of channels-last `x` [B, *S, C_in].
-
-  Parameters as `nn.Conv`'s (`kernel` [k, ..., C_in/G, C_out], `bias` [C_out]). On CPU it is
-  written out as the k^n shifted windows of the padded input and one einsum over the groups:
-  XLA's CPU backward pass of a grouped `conv_general_dilated` is ~25x slower than that
-  (measured on the tiny 2-D decoder: 12.9 s against 0.5 s per gradient). Elsewhere `lax`'s
-  convolution runs, which accelerators implement natively; both compute the same thing (tested).
-  """
-
-  features: int
-  kernel: int
-  groups: int
-  padding: tuple[int, int]  # (before, after) on every spatial axis
-  fan_in: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    ndim, channels, k, g = x.ndim - 2, x.shape[-1], self.kernel, self.groups
-    kernel = self.param(
-      "kernel", torch_default_init, (k,) * ndim + (channels // g, self.features), jnp.float32
-    )
-    bias = self.param("bias", torch_bias_init(self.fan_in), (self.features,), jnp.float32)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if jax.default_backend() != "cpu":
-      y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(1,) * ndim,
-        padding=[self.padding] * ndim,
-        dimension_numbers=jax.lax.conv_dimension_numbers(
-          x.shape,
-          kernel.shape,
-          ("N" + "HWD"[:ndim] + "C", "HWD"[:ndim] + "IO", "N" + "HWD"[:ndim] + "C"),
-        ),
-        feature_group_count=g,
-      )
-      return y + bias.astype(self.dtype)
-    spatial = x.shape[1:-1]
-    padded = jnp.pad(x, [(0, 0)] + [self.padding] * ndim + [(0, 0)])
-    windows = [
-      padded[(slice(None), *(slice(o, o + n) for o, n in zip(offset, spatial)), slice(None))]
-      for offset in itertools.product(range(k), repeat=ndim)
-    ]  # k^n × [B, *S, C_in], in the kernel's row-major offset order
-    stacked = jnp.stack(windows, axis=-2).reshape(*x.shape[:-1], k**ndim, g, channels // g)
-    weights = kernel.reshape(k**ndim, channels // g, g, self.features // g)  # [k^n, Ci, G, Co]
-    y = jnp.einsum("...kgc,kcgo->...go", stacked, weights)  # [B, *S, G, Co]
-    return y.reshape(*x.shape[:-1], self.features) + bias.astype(self.dtype)
-
-
 def _conv_layer(x, features, kernel, groups, dtype, name):
-  """Conv (same length) -> LayerNorm without affine -> GELU on channels-last `x`.
-
-  fairseq pads k//2 on both sides, then SamePad drops the last step (and SamePad2d the last row
-  and column) when k is even: the same as padding (k//2, (k−1)//2).
-  """
-  ndim = x.ndim - 2
-  fan_in = x.shape[-1] // groups * kernel**ndim
-  x = GroupedConv(
-    features, kernel, groups, (kernel // 2, (kernel - 1) // 2), fan_in, dtype=dtype, name=name
-  )(x)
-  x = nn.LayerNorm(epsilon=1e-5, use_bias=False, use_scale=False, dtype=dtype)(x)
-  return gelu(x)
+  """A decoder layer: `conv.same_conv_layer` with PyTorch's default Conv bias init."""
+  fan_in = x.shape[-1] // groups * kernel ** (x.ndim - 2)
+  return conv.same_conv_layer(x, features, kernel, groups, dtype, name, torch_bias_init(fan_in))
 
 
 def _projection(x, out_dim, layers, ratio, dtype):
