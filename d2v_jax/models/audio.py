@@ -52,24 +52,34 @@ class FeatureExtractor(nn.Module):
   kernels: Sequence[int] = CONV_KERNELS
   strides: Sequence[int] = CONV_STRIDES
   conv_bias: bool = False
+  remat: str = "none"  # transformer.REMAT_POLICIES: recompute each layer in the backward pass
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, audio):
     x = audio[..., None].astype(self.dtype)  # [B, T, 1]
     for j, (k, s) in enumerate(zip(self.kernels, self.strides, strict=True)):
-      x = nn.Conv(
-        self.conv_dim,
-        (k,),
-        strides=(s,),
-        padding="VALID",
-        use_bias=self.conv_bias,
-        kernel_init=nn.initializers.kaiming_normal(),
-        dtype=self.dtype,
-        name=f"conv_{j}",
-      )(x)
-      x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=f"norm_{j}")(x)
-      x = transformer.gelu(x)
+
+      def layer(module, x, j=j, k=k, s=s):
+        del module  # the submodules below join it by name, as without remat
+        x = nn.Conv(
+          self.conv_dim,
+          (k,),
+          strides=(s,),
+          padding="VALID",
+          use_bias=self.conv_bias,
+          kernel_init=nn.initializers.kaiming_normal(),
+          dtype=self.dtype,
+          name=f"conv_{j}",
+        )(x)
+        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=f"norm_{j}")(x)
+        return transformer.gelu(x)
+
+      if self.remat != "none":
+        # The CNN's activations (512 channels at up to 3,200 frames a second) are most of a
+        # speech step's memory; "full" keeps only each layer's input.
+        layer = nn.remat(layer, policy=transformer.REMAT_POLICIES[self.remat])
+      x = layer(self, x)
     return x  # [B, T', C]
 
 
@@ -79,13 +89,18 @@ class AudioFrontend(nn.Module):
   dim: int
   conv_dim: int = 512
   conv_bias: bool = False
+  execution: transformer.Execution = transformer.Execution()  # remat covers the CNN too
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, audio, padding_mask, *, train: bool):
     del train  # no dropout here: data2vec's feature-projection dropout is 0
     features = FeatureExtractor(
-      self.conv_dim, conv_bias=self.conv_bias, dtype=self.dtype, name="feature_extractor"
+      self.conv_dim,
+      conv_bias=self.conv_bias,
+      remat=self.execution.remat,
+      dtype=self.dtype,
+      name="feature_extractor",
     )(audio)
     features = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="feature_norm")(features)
     x = nn.Dense(

@@ -100,7 +100,7 @@ def build_backbone(
   dim = sizes["dim"]
   execution = transformer.execution_from_config(model_cfg)
   if modality == "audio":
-    frontend = audio.AudioFrontend(dim, sizes["conv_dim"], dtype=dtype)
+    frontend = audio.AudioFrontend(dim, sizes["conv_dim"], execution=execution, dtype=dtype)
     encoder = audio.AudioEncoder(
       **transformer_sizes,
       pos_conv_depth=sizes["pos_conv_depth"],

@@ -174,7 +174,12 @@ def _frontend(modality: str, model_cfg, sizes: dict, dtype) -> nn.Module:
   """The local encoder: the CNN and feature projection (speech), patches with fixed positions
   (images) or embeddings (text)."""
   if modality == "audio":
-    return audio.AudioFrontend(sizes["dim"], sizes["conv_dim"], dtype=dtype)
+    return audio.AudioFrontend(
+      sizes["dim"],
+      sizes["conv_dim"],
+      execution=transformer.execution_from_config(model_cfg),
+      dtype=dtype,
+    )
   if modality == "image":
     return image.ImageFrontend(
       sizes["dim"],
