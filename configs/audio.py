@@ -222,15 +222,5 @@ def _version1(variant: str) -> ml_collections.ConfigDict:
   )
   config.loop = common.loop_config(recipe["steps"])
   config.extract = common.extract_config()
-  config.probe = ml_collections.ConfigDict(
-    dict(
-      enabled=True,
-      every=500,
-      seeds=(0, 1, 2),
-      batch_size=32,
-      l2=1e-3,
-      knn_k=20,
-      knn_temperature=0.07,
-    )
-  )
+  config.probe = common.probe_config(every=500, batch_size=32)
   return config

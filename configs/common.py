@@ -169,3 +169,23 @@ def finetune_config(pretrain: ml_collections.ConfigDict, total_steps: int):
   config.loop = loop_config(total_steps)
   config.eval = ml_collections.ConfigDict(dict(every=0, split="test"))
   return config
+
+
+def probe_config(*, every: int, batch_size: int, **fields) -> ml_collections.ConfigDict:
+  """`config.probe`: the linear and kNN probes on the modality's embedded labelled set, run every
+  `every` updates and at the end (`d2v_jax/evaluate.py`)."""
+  return ml_collections.ConfigDict(
+    dict(
+      enabled=True,
+      every=every,
+      seeds=(0, 1, 2),  # each draws the held-out part that chooses the linear probe's L2
+      batch_size=batch_size,  # probe examples per encoder call
+      # L2 strengths the linear probe chooses from (times the sum of squared weights, on
+      # standardised features and mean cross-entropy). Weaker ones were never chosen on the
+      # embedded sets and converge slowest.
+      l2_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+      knn_k=20,  # kNN probe: neighbours and vote temperature (DINO's)
+      knn_temperature=0.07,
+      **fields,
+    )
+  )

@@ -252,15 +252,5 @@ def _version1(variant: str) -> ml_collections.ConfigDict:
   )
   config.loop = common.loop_config(recipe["steps"])
   config.extract = common.extract_config()
-  config.probe = ml_collections.ConfigDict(
-    dict(
-      enabled=True,
-      every=200 if variant == "tiny" else 5000,
-      seeds=(0, 1, 2),
-      batch_size=64,
-      l2=1e-3,
-      knn_k=20,  # kNN probe: neighbours and vote temperature (DINO's)
-      knn_temperature=0.07,
-    )
-  )
+  config.probe = common.probe_config(every=200 if variant == "tiny" else 5000, batch_size=64)
   return config

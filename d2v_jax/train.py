@@ -215,6 +215,8 @@ def probe_report(model, initial_params, params, probe_cfg, probe_sets, trained=N
     "pretrained": trained["linear"],
     "random_mean": float(np.mean(random["linear"])),
     "pretrained_mean": float(np.mean(trained["linear"])),
+    "random_l2": random["l2"],
+    "pretrained_l2": trained["l2"],
     "random_knn": random["knn"],
     "pretrained_knn": trained["knn"],
   }

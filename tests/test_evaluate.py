@@ -9,18 +9,56 @@ from d2v_jax import evaluate, train
 from d2v_jax.data import sources
 from tests.test_train import tiny_config
 
+GRID = (1e-4, 1e-2, 1.0)
+
 
 def test_linear_probe_separates_separable_classes_and_not_shuffled_ones():
   rng = np.random.default_rng(0)
   centres = rng.normal(size=(4, 16)) * 3
   labels = rng.integers(0, 4, size=400)
   x = centres[labels] + rng.normal(size=(400, 16))
-  kwargs = dict(num_classes=4, seed=0, epochs=50)
-  acc = evaluate.fit_linear_probe(x[:300], labels[:300], x[300:], labels[300:], **kwargs)
+  kwargs = dict(num_classes=4, seed=0, l2_grid=GRID)
+  acc, _ = evaluate.fit_linear_probe(x[:300], labels[:300], x[300:], labels[300:], **kwargs)
   assert acc > 0.95
   shuffled = rng.permutation(labels)
-  acc = evaluate.fit_linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], **kwargs)
+  acc, _ = evaluate.fit_linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], **kwargs)
   assert acc < 0.5
+
+
+def test_softmax_regression_reaches_the_regularised_optimum():
+  """At the returned weights the objective's gradient (written out in numpy) vanishes."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(200, 12)).astype(np.float32)
+  y = (x[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(np.int32) + (x[:, 1] > 1)
+  norms = []
+  for l2 in (1e-3, 1e-1):
+    fitted = evaluate.fit_softmax_regression(x, y, l2, num_classes=3)
+    w, b = np.asarray(fitted["w"], np.float64), np.asarray(fitted["b"], np.float64)
+    logits = x @ w + b
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    residual = (probs - np.eye(3)[y]) / len(y)  # d(mean cross-entropy) / d logits
+    assert np.abs(x.T @ residual + 2 * l2 * w).max() < 1e-4
+    assert np.abs(residual.sum(0)).max() < 1e-4
+    norms.append(np.linalg.norm(w))
+  assert norms[1] < norms[0]  # the stronger penalty gives the smaller weights
+
+
+def test_linear_probe_chooses_its_l2_on_held_out_data():
+  """A strength that flattens the classifier to its bias loses on the held-out part."""
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(3, 8)) * 2
+  labels = rng.integers(0, 3, size=400)
+  x = centres[labels] + rng.normal(size=(400, 8))
+  for grid in ((1e-3, 100.0), (100.0, 1e-3)):
+    acc, l2 = evaluate.fit_linear_probe(
+      x[:300], labels[:300], x[300:], labels[300:], num_classes=3, seed=1, l2_grid=grid
+    )
+    assert l2 == 1e-3 and acc > 0.8
+  acc, _ = evaluate.fit_linear_probe(
+    x[:300], labels[:300], x[300:], labels[300:], num_classes=3, seed=1, l2_grid=(100.0,)
+  )
+  assert acc < 0.6  # what the probe avoided: about the majority class
 
 
 def test_knn_matches_a_brute_force_weighted_vote():
