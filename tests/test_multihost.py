@@ -88,12 +88,24 @@ def test_two_processes_probe_like_one_process(runs):
   multi, single, logs, _ = runs
   keys = ("step", "probe_acc", "probe_knn_acc")
   probes = [[row.get(k) for k in keys] for row in metric_rows(multi)]
+  single_probes = [[row.get(k) for k in keys] for row in metric_rows(single)]
   assert [p[0] for p in probes if p[1] is not None] == [2]  # probe.every = 2
-  # Accuracies on the same 355 test digits from features equal up to float rounding: equal,
-  # not close.
-  assert probes == [[row.get(k) for k in keys] for row in metric_rows(single)]
+  # Features on the same 355 test digits are equal up to float rounding. kNN votes are then
+  # equal; the linear probe's L2 is chosen on held-out accuracies that may tie, and rounding can
+  # tip such a tie, so its accuracy may differ by a test scan or two (0.28 points each).
+  close = 2 / 355 + 1e-9
+  for (step, acc, knn), (single_step, single_acc, single_knn) in zip(
+    probes, single_probes, strict=True
+  ):
+    assert step == single_step and knn == single_knn
+    assert (acc is None) == (single_acc is None)
+    assert acc is None or abs(acc - single_acc) <= close
   report = json.loads((multi / "probe.json").read_text())
-  assert report == json.loads((single / "probe.json").read_text())
+  single_report = json.loads((single / "probe.json").read_text())
+  for key in ("seeds", "random_knn", "pretrained_knn"):
+    assert report[key] == single_report[key]
+  for key in ("random", "pretrained"):
+    np.testing.assert_allclose(report[key], single_report[key], atol=close, rtol=0)
   assert report["seeds"] == [0] and report["pretrained_mean"] > 0.2  # chance: 0.1
   assert "Probe: random init" in logs[0] and "Probe: " not in logs[1]
 
