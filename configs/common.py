@@ -181,8 +181,8 @@ def probe_config(*, every: int, batch_size: int, **fields) -> ml_collections.Con
       seeds=(0, 1, 2),  # each draws the held-out part that chooses the linear probe's L2
       batch_size=batch_size,  # probe examples per encoder call
       # L2 strengths the linear probe chooses from (times the sum of squared weights, on
-      # standardised features and mean cross-entropy). Weaker ones were never chosen on the
-      # embedded sets and converge slowest.
+      # standardised features and mean cross-entropy). Weaker ones were not chosen on the text
+      # probe's features and converge slowest.
       l2_grid=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
       knn_k=20,  # kNN probe: neighbours and vote temperature (DINO's)
       knn_temperature=0.07,

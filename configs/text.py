@@ -25,7 +25,7 @@ from configs import common
 _RECIPES = {
   # CPU run on the embedded corpus: 2,800 updates of 16 blocks of 64 tokens (two verses on
   # average; about 3 epochs), a teacher fast enough to move within the run. Many small batches
-  # beat fewer large ones here (README, "Text"); it fits in 15 minutes on 2 cores.
+  # beat fewer large ones here; it took 16.5 minutes on 2 cores (README, "Text").
   "tiny": dict(
     steps=2800,
     batch=16,
