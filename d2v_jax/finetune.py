@@ -32,7 +32,7 @@ from d2v_jax import (
 from d2v_jax import state as state_lib
 from d2v_jax.data import audio_tasks, image_tasks, text_tasks
 from d2v_jax.models import finetune as finetune_models
-from d2v_jax.models.data2vec import model_sizes
+from d2v_jax.models.data2vec import example_inputs, model_sizes
 
 
 def load_pretrained_into_config(config) -> pretrained.PretrainedRun | None:
@@ -151,7 +151,12 @@ def setup(config, run):
   tx, schedule = optim.make_optimizer(config.optim, config.loop.total_steps, num_layers=num_layers)
   init_key, _, _ = train.split_seed(config.seed)
   make_state = functools.partial(
-    state_lib.create_train_state, model, tx, init_key, *train.example_inputs(config), None
+    state_lib.create_train_state,
+    model,
+    tx,
+    init_key,
+    *example_inputs(config.modality, config.model),
+    None,
   )
 
   def fresh(state_sharding=None):

@@ -10,7 +10,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -87,19 +86,6 @@ def make_dataset(config, data_seed: int):
   )
 
 
-def example_inputs(config):
-  """A one-example (inputs, padding mask) of the smallest shape, for parameter initialisation."""
-  if config.modality == "image":
-    size = config.model.image_size
-    return jnp.zeros((1, size, size, 3), jnp.float32), None
-  if config.modality == "text":
-    length = config.input.max_length
-    return jnp.zeros((1, length), jnp.int32), jnp.zeros((1, length), bool)
-  # Pretraining crops to `crop_lengths`; fine-tuning pads to `pad_lengths`.
-  length = min(config.input.get("crop_lengths") or config.input.pad_lengths)
-  return jnp.zeros((1, length), jnp.float32), jnp.zeros((1, length), bool)
-
-
 def setup(config: ml_collections.ConfigDict):
   """Builds the model, the optimiser with its schedule, and `make_state()`.
 
@@ -121,7 +107,7 @@ def build(config: ml_collections.ConfigDict):
     model,
     tx,
     init_key,
-    *example_inputs(config),
+    *data2vec.example_inputs(config.modality, config.model),
     tuple(config.ema.teacher_params),
   )
   return model, tx, schedule, make_state

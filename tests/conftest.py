@@ -6,12 +6,23 @@ longest tests (the notebooks, the multi-process runs) are collected first, so th
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A persistent XLA compilation cache shared by the workers, the notebooks' kernels and the
+# multi-process tests' children (they inherit the environment): the suite compiles the same
+# train steps many times (a resumed run, the same tiny config in several tests), and on CPU
+# compilation dominates. Halves the audio resume test. Entries are keyed by the HLO, the
+# compile options and the jax version, so a stale one is never used; the size is bounded.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "d2v-jax-tests-xla-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 from absl import flags
 

@@ -15,7 +15,7 @@ from configs import image as image_config
 from configs import text as text_config
 from d2v_jax import train
 from d2v_jax.models import variants
-from d2v_jax.models.data2vec import build_model
+from d2v_jax.models.data2vec import build_model, example_inputs
 from tests import helpers
 
 AUDIO_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "audio.py")
@@ -261,7 +261,7 @@ def test_image_and_text_param_counts(modality, variant, low, high):
   if modality == "text":
     config.model.vocab_size = 50265
   model = build_model(modality, config.model)
-  inputs = train.example_inputs(config)
+  inputs = example_inputs(modality, config.model)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False)["params"])
   without_head = _count(shapes) - _count(shapes["final_proj"])
   assert low < without_head < high, without_head

@@ -46,7 +46,7 @@ import numpy as np
 
 from d2v_jax.convert import common, hf
 from d2v_jax.convert import fairseq_common as fs
-from d2v_jax.models import data2vec2, image
+from d2v_jax.models import data2vec, data2vec2, image
 from d2v_jax.models import finetune as finetune_models
 
 MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "TEXT": "text"}
@@ -478,7 +478,7 @@ def from_fairseq(
     model = finetune_models.build_finetune_model(
       modality, model_cfg, ml_collections.ConfigDict(head_cfg), version=2
     )
-  inputs = hf.example_inputs(modality, model_cfg)
+  inputs = data2vec.example_inputs(modality, model_cfg)
   init_params = (
     common.init_task_params(model, inputs, seed)
     if head_cfg is not None

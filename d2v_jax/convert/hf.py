@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 
 from d2v_jax.convert import common, hf_audio, hf_image, hf_text
@@ -75,16 +74,6 @@ def modality_of(hf_config: Mapping[str, Any]) -> str:
   return CONVERTERS[model_type][0]
 
 
-def example_inputs(modality: str, model_cfg: ml_collections.ConfigDict, num_channels: int = 3):
-  """One smallest (inputs, padding mask) of `modality`, for shapes-only initialisation."""
-  if modality == "audio":
-    return jnp.zeros((1, 400)), jnp.zeros((1, 400), bool)  # one receptive field -> one frame
-  if modality == "image":
-    size = model_cfg.image_size
-    return jnp.zeros((1, size, size, num_channels)), None
-  return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), bool)
-
-
 def _split_dropped(state_dict: Mapping[str, Any], modality: str, prefix: str):
   """(the state dict without the keys we drop, their names with the reason)."""
   prefixes = _DROPPED_PREFIXES.get(modality, ())
@@ -126,7 +115,7 @@ def from_hf(
     model_cfg = converter.config_from_hf(c, classifier=head is not None)
   else:
     model_cfg = converter.config_from_hf(c)
-  inputs = example_inputs(modality, model_cfg, c.get("num_channels", 3))
+  inputs = data2vec.example_inputs(modality, model_cfg, c.get("num_channels", 3))
   if head is None:
     model = data2vec.build_model(modality, model_cfg)
     init_params = common.init_shapes_and_head(model, inputs, seed)

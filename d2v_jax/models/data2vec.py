@@ -160,6 +160,17 @@ def build_backbone(
   raise ValueError(f"Unknown modality {modality!r}; known: audio, image, text")
 
 
+def example_inputs(modality: str, model_cfg: ml_collections.ConfigDict, num_channels: int = 3):
+  """The smallest one-example (inputs, padding mask) of `modality`, for initialisation: the
+  parameters' shapes and values depend on the config and the key, never on the input length."""
+  if modality == "audio":
+    return jnp.zeros((1, 400)), jnp.zeros((1, 400), bool)  # one receptive field -> one frame
+  if modality == "image":
+    size = model_cfg.image_size
+    return jnp.zeros((1, size, size, num_channels)), None
+  return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), bool)
+
+
 def build_model(modality: str, model_cfg: ml_collections.ConfigDict) -> Data2Vec:
   """The pretraining student of `modality` (see `build_backbone` for the config fields)."""
   return Data2Vec(**build_backbone(modality, model_cfg)._asdict())
