@@ -19,7 +19,8 @@ Probe sets:
 - speech: the embedded spoken words, train/test split by voice (speaker-independent);
 - images: the embedded digits, resized whole to the model's resolution, stratified split;
 - text: the embedded King James Bible's verses labelled by genre (6 classes), train and test
-  chapters disjoint; a fixed, class-stratified subset of each split keeps the probe cheap.
+  chapters disjoint; `config.probe.max_train` / `max_test` take a fixed, class-stratified
+  subset of each split (0 = all of it).
 
 Results are reported per seed and as the mean, for the pretrained encoder and for the same
 encoder at initialisation.
