@@ -240,6 +240,7 @@ def test_text_config_follows_data2vec_text():
   assert (config.targets.top_k, config.targets.layer_output) == (10, "ffn")
   assert (config.loss.beta, config.loss.scale, config.loss.reduce_dims) == (4.0, 1.0, "sum")
   assert (config.masking.span_prob, config.masking.span_length) == (0.35, 4)
+  assert (config.model.dropout, config.model.attention_dropout) == (0.1, 0.1)
   assert config.model.max_positions == config.input.max_length == 512
   with pytest.raises(ValueError, match="no v1 large"):
     text_config.get_config("variant=large")
