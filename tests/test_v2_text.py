@@ -97,3 +97,8 @@ def test_config_versions():
   assert config.version == 2 and config.loss.scale == 1.0
   assert config.model.max_positions == config.input.max_length
   assert text_config.get_config("").version == 1
+  # 2.0 sets its own block length instead of inheriting 1.0's (tiny: 32 x 64 against 8 x 128).
+  assert (config.input.batch_size, config.input.max_length) == (32, 64)
+  version1 = text_config.get_config("")
+  assert (version1.input.batch_size, version1.input.max_length) == (8, 128)
+  assert text_config.get_config("variant=base,version=2").model.max_positions == 512
