@@ -52,20 +52,26 @@ _RECIPES["large"] = dict(_RECIPES["base"], lr=3e-4)
 
 # data2vec 2.0 per variant (spec §2.3, audio columns): updates, batch, clones M, peak LR,
 # warm-up, EMA (start, end, anneal updates), mask ratio and adjustment, top-K, decoder (dim,
-# kernel, layers), layerdrop.
+# kernel, layers), dropout (residual, attention, decoder input), layerdrop, gradient clipping
+# (0 = none).
 _V2_RECIPES = {
   # CPU run on the embedded set: v1's tiny crops and one-layer positional conv, 4 clones.
+  # Without dropout or layerdrop and with gradients clipped at norm 1, over 4,000 updates the
+  # probe reads 46.9 % against 30.3 % for 2,000 updates with the base dropouts and no clipping
+  # (README, "data2vec 2.0"); a longer schedule without clipping drifts back to its random init.
   "tiny": dict(
-    steps=2000,
+    steps=4000,
     batch=8,
     clones=4,
     lr=5e-4,
     warmup=200,
-    ema=(0.999, 0.9999, 2000),
+    ema=(0.999, 0.9999, 4000),
     mask=(0.5, 0.05),
     top_k=3,
     decoder=(96, 7, 3),
-    layerdrop=0.05,
+    dropout=0.0,
+    layerdrop=0.0,
+    clip_norm=1.0,
   ),
   "base": dict(
     steps=400_000,
@@ -77,7 +83,9 @@ _V2_RECIPES = {
     mask=(0.5, 0.05),
     top_k=8,
     decoder=(384, 7, 4),
+    dropout=0.1,
     layerdrop=0.05,
+    clip_norm=0.0,
   ),
   "large": dict(
     steps=600_000,
@@ -89,7 +97,9 @@ _V2_RECIPES = {
     mask=(0.55, 0.1),
     top_k=16,
     decoder=(768, 7, 4),
+    dropout=0.1,
     layerdrop=0.0,
+    clip_norm=1.0,
   ),
 }
 
@@ -105,9 +115,9 @@ def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections
   dim, kernel, layers = recipe["decoder"]
   config.model = common.v2_model(
     variant,
-    dropout=0.1,
+    dropout=recipe["dropout"],
     norm_eps=1e-5,
-    decoder=common.v2_decoder(dim, kernel, layers, input_dropout=0.1),
+    decoder=common.v2_decoder(dim, kernel, layers, input_dropout=recipe["dropout"]),
     layerdrop=recipe["layerdrop"],
   )
   ratio, adjust = recipe["mask"]
@@ -130,7 +140,7 @@ def _version2(config: ml_collections.ConfigDict, variant: str) -> ml_collections
       weight_decay=0.01,
       decay_1d=False,  # no decay on 1-D parameters, biases or ALiBi scales
       no_decay=(r"alibi_scale",),
-      clip_norm=1.0 if variant == "large" else 0.0,
+      clip_norm=recipe["clip_norm"],
       schedule="cosine",
       warmup_steps=recipe["warmup"],
       end_lr=0.0,

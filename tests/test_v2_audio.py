@@ -102,3 +102,35 @@ def test_step_lowers_the_loss_and_counts_masks():
   frames = 24
   assert int(metrics["num_masked"]) == 2 * 2 * int(frames * 0.5)  # ⌊T·R⌋ per clone
   assert losses[-1] < losses[0]
+
+
+def test_recipes_carry_the_spec_numbers():
+  """Base and large follow spec §2.3's audio columns; tiny is the CPU recipe (no dropout,
+  gradients clipped at 1, the teacher annealed over the whole run)."""
+
+  def fields(variant):
+    c = audio_config.get_config(f"variant={variant},version=2")
+    m = c.model
+    dropouts = (m.dropout, m.attention_dropout, m.decoder.input_dropout, m.layerdrop)
+    ema = (c.ema.decay, c.ema.end_decay, c.ema.anneal_steps)
+    optim = (c.optim.lr, c.optim.warmup_steps, c.optim.clip_norm, c.optim.b2)
+    mask = (c.masking.num_clones, c.masking.ratio, c.masking.adjust)
+    return dropouts, ema, optim, mask, c.loop.total_steps
+
+  assert fields("base") == (
+    (0.1, 0.1, 0.1, 0.05),
+    (0.999, 0.99999, 75_000),
+    (7.5e-4, 8_000, 0.0, 0.98),
+    (8, 0.5, 0.05),
+    400_000,
+  )
+  assert fields("large") == (
+    (0.1, 0.1, 0.1, 0.0),
+    (0.9997, 1.0, 300_000),
+    (4e-4, 10_000, 1.0, 0.98),
+    (12, 0.55, 0.1),
+    600_000,
+  )
+  dropouts, (_, _, anneal), (_, _, clip, _), _, steps = fields("tiny")
+  assert dropouts == (0.0, 0.0, 0.0, 0.0)
+  assert (clip, anneal) == (1.0, steps)
