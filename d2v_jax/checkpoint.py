@@ -10,6 +10,12 @@ One orbax `CheckpointManager` step holds three items:
 orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact. The loop never saves a non-finite state.
 
+Integrity (issue 23): each step carries `digest.json` (`d2v_jax/digest.py`), written in orbax's
+commit thread before the rename. `newest_intact_step` checks steps newest first; a damaged one is
+named in one warning, moved to `<workdir>/damaged_checkpoints/` by the process holding the work
+directory (`d2v_jax/workdir_lock.py`; never deleted), and the next older intact step is used.
+Having moved it out of `checkpoints/`, orbax's `keep_checkpoints` no longer counts it.
+
 Multi-host (issue 9): every process calls `save` and `restore`. orbax writes each
 array's shards from the processes that hold them and the JSON `meta` from process 0 only; the
 data position is one small JSON file per process. A restore reads the arrays straight into the
@@ -23,6 +29,7 @@ import dataclasses
 import json
 import pathlib
 import re
+import shutil
 from typing import Any
 
 import grain
@@ -30,7 +37,56 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from d2v_jax import digest
+
 META_KEYS = ("modality", "version", "model")
+DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: where damaged steps are moved
+
+
+class CheckpointError(RuntimeError):
+  """No intact checkpoint to read, or one that cannot be restored; the message says which."""
+
+
+def step_dirs(directory: pathlib.Path) -> list[int]:
+  """The step numbers of `directory`'s step folders, oldest first (orbax's temporary folders
+  of an unfinished save are not steps)."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def move_aside(step_dir: pathlib.Path) -> pathlib.Path:
+  """Moves a damaged step folder to `<workdir>/damaged_checkpoints/<step>[.n]`; returns where."""
+  target_dir = step_dir.parent.parent / DAMAGED_DIR
+  target_dir.mkdir(exist_ok=True)
+  target, n = target_dir / step_dir.name, 0
+  while target.exists():
+    n += 1
+    target = target_dir / f"{step_dir.name}.{n}"
+  shutil.move(str(step_dir), str(target))
+  return target
+
+
+def newest_intact_step(directory: pathlib.Path, *, may_move: bool) -> int | None:
+  """The newest step of `directory` that `digest.problem` finds intact; None when there is no
+  step at all. A damaged newer step is named in a warning and, with `may_move` (this process
+  holds the work directory), moved aside. Raises CheckpointError when every step is damaged."""
+  directory = pathlib.Path(directory)
+  steps = step_dirs(directory)
+  damaged = []
+  for step in reversed(steps):
+    wrong = digest.problem(directory / str(step))
+    if wrong is None:
+      return step
+    damaged.append(step)
+    where = f"moved to {move_aside(directory / str(step))}" if may_move else "left in place"
+    logging.warning("Skipping damaged checkpoint %s: %s (%s)", directory / str(step), wrong, where)
+  if damaged:
+    raise CheckpointError(
+      f"No intact checkpoint in {directory}: step(s) {', '.join(map(str, damaged))} are damaged "
+      "(see the warnings above). Use a fresh --workdir to start again."
+    )
+  return None
 
 
 def state_kind(mode: str) -> str:
@@ -122,14 +178,25 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-  """Saves and restores (state, data iterator) in `<workdir>/checkpoints`."""
+  """Saves and restores (state, data iterator) in `<workdir>/checkpoints`.
 
-  def __init__(self, workdir, config, keep: int = 2):
+  `lock`: the work directory's `WorkdirLock`; only while it is held are damaged steps moved
+  aside (a reader beside a live run leaves them where they are).
+  """
+
+  def __init__(self, workdir, config, keep: int = 2, lock=None):
     self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
     self.config = config
+    self.lock = lock
+    self._saving = None  # the step whose save is in flight (its digest is written on commit)
+    self._verified = None  # the step `newest_intact_step` last checked
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        async_options=ocp.options.AsyncOptions(post_finalization_callback=self._write_digest),
+      ),
       item_names=("state", "data", "meta"),
       item_handlers={
         "state": ocp.StandardCheckpointHandler(),
@@ -138,18 +205,36 @@ class Checkpointer:
       },
     )
 
+  def _write_digest(self) -> None:
+    # orbax calls this on process 0 after every file of the step is written, before it renames
+    # `<step>.orbax-checkpoint-tmp` into place.
+    digest.write(self.directory / f"{self._saving}.orbax-checkpoint-tmp")
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def newest_intact_step(self) -> int | None:
+    """`newest_intact_step` of this directory; damaged steps are moved aside only by process 0
+    while it holds the lock, and every process waits for that before reading."""
+    may_move = self.lock is not None and self.lock.held and jax.process_index() == 0
+    step = newest_intact_step(self.directory, may_move=may_move)
+    self._verified = step
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("d2v_jax.checkpoint.newest_intact_step")
+    self.manager.reload()
+    return step
 
   def save(self, step: int, state, data_iterator=None) -> None:
     """Saves `state` (and the data position, if an iterator is given: a converted checkpoint
     has none) with the config's self-description."""
-    items = {
-      "state": ocp.args.StandardSave(state),
-      "meta": ocp.args.JsonSave({**describe(self.config), "step": int(step)}),
-    }
+    meta = {**describe(self.config), "step": int(step), digest.META_FIELD: "sha256"}
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items["data"] = DataSave(data_iterator)
+    self.manager.wait_until_finished()  # the previous step's digest names its own folder
+    self._saving = int(step)
     self.manager.save(step, args=ocp.args.Composite(**items))
 
   def wait(self) -> None:
@@ -174,7 +259,13 @@ class Checkpointer:
       )
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state (onto `abstract_state`'s shardings) and, if given, the data position."""
+    """Restores the state (onto `abstract_state`'s shardings) and, if given, the data position,
+    after checking the step's files against its digest (CheckpointError names the first that
+    differs)."""
+    if step != self._verified:
+      wrong = digest.problem(self.directory / str(step))
+      if wrong:
+        raise CheckpointError(f"Checkpoint {self.directory / str(step)} is damaged: {wrong}")
     self.check_compatible(step)
     logging.info("Restoring step %d from %s", step, self.directory)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -182,7 +273,14 @@ class Checkpointer:
       items["data"] = DataRestore(data_iterator)
     elif data_iterator is not None:  # a converted checkpoint
       logging.info("Step %d has no data position: the data starts from the beginning", step)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    except Exception as error:  # orbax's errors name its internals, not the user's files
+      first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+      raise CheckpointError(
+        f"{self.directory / str(step)} could not be restored into this run's train state: "
+        f"{first[:300]}"
+      ) from error
 
 
 def abstract_state(state_fn, *args, sharding=None):

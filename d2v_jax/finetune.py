@@ -19,6 +19,7 @@ from absl import logging
 
 from d2v_jax import (
   checkpoint,
+  config_check,
   ctc,
   finetune_steps,
   loop,
@@ -28,6 +29,7 @@ from d2v_jax import (
   scores,
   sharding,
   train,
+  workdir_lock,
 )
 from d2v_jax import state as state_lib
 from d2v_jax.data import audio_tasks, image_tasks, text_tasks
@@ -172,8 +174,15 @@ def setup(config, run):
 
 
 def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Fine-tunes to `config.loop.total_steps`, then scores the dev set; returns those scores."""
-  workdir = pathlib.Path(workdir)
+  """Fine-tunes to `config.loop.total_steps`, then scores the dev set; returns those scores.
+
+  Process 0 holds the work directory's lock throughout."""
+  config_check.validate(config)
+  with workdir_lock.hold_for_run(workdir) as lock:
+    return _finetune_and_evaluate(config, pathlib.Path(workdir), lock)
+
+
+def _finetune_and_evaluate(config, workdir: pathlib.Path, lock) -> dict:
   mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.input.batch_size, mesh)
   logging.info("Mesh: %s; global batch %d", sharding.describe(mesh), config.input.batch_size)
@@ -185,7 +194,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   model, tx, schedule, make_state, fresh = setup(config, run)
   state_sharding = sharding.train_state_shardings(make_state, mesh, config)
 
-  ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints, lock=lock)
+  train.record_config(workdir, config, ckpt)
   state, _ = loop.start(ckpt, make_state, data_iter, state_sharding, fresh=fresh)
   if jax.process_index() == 0:
     train.write_config(workdir, config)
@@ -202,7 +212,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     params = sharding.local_copy(state.params, mesh)
     return {f"dev_{k}": v for k, v in evaluate(predict, params, eval_set, config).items()}
 
-  writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
+  writer = metrics.MetricWriter(workdir, int(state.step)) if jax.process_index() == 0 else None
   try:
     state, _ = loop.run(
       config,

@@ -51,7 +51,7 @@ def start(ckpt: checkpoint.Checkpointer, make_state, data_iter, state_sharding, 
   `fresh(state_sharding)` builds the fresh state (default: `make_state` jitted); fine-tuning
   passes one that loads pretrained weights.
   """
-  latest = ckpt.latest_step()
+  latest = ckpt.newest_intact_step()
   if latest is None:
     if fresh is not None:
       state = fresh(state_sharding)
@@ -146,6 +146,7 @@ def run(
   pending, last, data_wait = [], {}, 0.0
   window_start = time.perf_counter()
   step = int(state.step)
+  saved_step = ckpt.latest_step()  # named by a health stop
   try:
     while step < loop.total_steps:
       trace.before(step + 1)
@@ -163,7 +164,7 @@ def run(
       is_log = step % loop.log_every == 0 or is_ckpt or is_eval
       if is_log:
         last = summarise(jax.device_get(pending), window_start, data_wait, throughput)
-        metrics.check_health(step, last, loop)
+        metrics.check_health(step, last, loop, saved_step)
         if is_eval:
           last.update(evaluate(state))
         if writer:
@@ -172,6 +173,7 @@ def run(
         progress.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
       if is_ckpt:
         ckpt.save(step, state, data_iter)
+        saved_step = step
       if is_log:
         # Rates cover training only: evaluation and the checkpoint's blocking part are excluded.
         pending, data_wait, window_start = [], 0.0, time.perf_counter()

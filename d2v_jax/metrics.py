@@ -14,17 +14,24 @@ class TrainingHealthError(RuntimeError):
 
 
 class MetricWriter:
-  """Writes one JSON object per log step to `<workdir>/metrics.jsonl` and TensorBoard events."""
+  """Writes one JSON object per log step to `<workdir>/metrics.jsonl` and TensorBoard events.
 
-  def __init__(self, workdir, enable_tensorboard: bool = True):
+  A run resumed at `start_step` (0 for a fresh one) first drops the rows a stopped run wrote
+  after that step, since the resumed run writes them again; TensorBoard's `purge_step` hides
+  the events past it. The file then reads as an uninterrupted run's.
+  """
+
+  def __init__(self, workdir, start_step: int = 0, enable_tensorboard: bool = True):
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")  # closed in close()
+    path = workdir / "metrics.jsonl"
+    _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a")  # closed in close()
     self._tb = None
     if enable_tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: dict) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
@@ -42,6 +49,23 @@ class MetricWriter:
       self._tb.close()
 
 
+def _drop_rows_after(path: pathlib.Path, step: int) -> None:
+  """Rewrites `path` (atomically) without its rows past `step`, or a torn last line."""
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # the line a killed run was writing
+      continue
+    if row.get("step", 0) <= step:
+      kept.append(line)
+  tmp = path.with_suffix(".jsonl.tmp")
+  tmp.write_text("".join(line + "\n" for line in kept))
+  tmp.replace(path)
+
+
 def format_line(step: int, scalars: dict) -> str:
   """A compact log line: `step 120 | loss 0.512 | target_var 0.843 | ...`."""
   parts = [f"step {step}"]
@@ -50,15 +74,21 @@ def format_line(step: int, scalars: dict) -> str:
   return " | ".join(parts)
 
 
-def check_health(step: int, scalars: dict, loop_cfg) -> None:
-  """Raises TrainingHealthError on a non-finite loss or (after warm-up) collapsed targets."""
+def check_health(step: int, scalars: dict, loop_cfg, saved_step: int | None = None) -> None:
+  """Raises TrainingHealthError on a non-finite loss or (after warm-up) collapsed targets;
+  `saved_step`: the newest checkpoint's step (None: none was written yet), which it names."""
   bad = [
     k for k in ("loss", "grad_norm", "param_norm") if k in scalars and not math.isfinite(scalars[k])
   ]
   if bad:
+    kept = (
+      "No checkpoint was written yet"
+      if saved_step is None
+      else f"The checkpoint of step {saved_step} is kept and a rerun resumes from it"
+    )
     raise TrainingHealthError(
-      f"Non-finite {', '.join(bad)} at step {step}. The last good checkpoint is kept. "
-      "Lower config.optim.lr, enable clipping (config.optim.clip_norm), or use float32 compute."
+      f"Non-finite {', '.join(bad)} at step {step}. {kept}. Lower config.optim.lr, enable "
+      "clipping (config.optim.clip_norm), or use float32 compute."
     )
   if step < loop_cfg.collapse_check_after:
     return

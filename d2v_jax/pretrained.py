@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from d2v_jax import checkpoint
+from d2v_jax import checkpoint, digest, workdir_lock
 
 # Parameter groups a fine-tuning model takes from pretraining; everything else is the task's.
 ENCODER_GROUPS = ("frontend", "encoder", "mask_emb")
@@ -44,23 +44,34 @@ class PretrainedRun:
 def locate_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   """(checkpoints directory, step) for a work directory, its `checkpoints/`, or one step in it.
 
-  A work directory or `checkpoints/` resolves to its newest step.
+  A work directory or `checkpoints/` resolves to its newest intact step (issue 23): a damaged
+  newer step is skipped with a warning, and moved aside when no run holds the work directory.
+  A step named explicitly must be intact.
   """
   path = pathlib.Path(path).expanduser().resolve()
   if not path.exists():
     raise FileNotFoundError(f"Pretrained checkpoint path {path} does not exist")
   if path.name.isdigit() and (path / "state").is_dir():
+    wrong = digest.problem(path)
+    if wrong:
+      raise checkpoint.CheckpointError(f"Checkpoint {path} is damaged: {wrong}")
     return path.parent, int(path.name)
   directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  steps = sorted(
-    int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir()
-  )
-  if not steps:
+  lock = workdir_lock.WorkdirLock(directory.parent)
+  try:
+    may_move = lock.try_acquire()
+  except OSError:  # a read-only folder: nothing can be moved there anyway
+    may_move = False
+  try:
+    step = checkpoint.newest_intact_step(directory, may_move=may_move)
+  finally:
+    lock.release()
+  if step is None:
     raise FileNotFoundError(
       f"No checkpoint under {path}: expected a pretraining work directory (with checkpoints/), "
       "its checkpoints/ directory, or one step directory such as checkpoints/600"
     )
-  return directory, steps[-1]
+  return directory, step
 
 
 def load_pretrained(path: str | pathlib.Path) -> PretrainedRun:

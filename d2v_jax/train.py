@@ -14,7 +14,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from d2v_jax import checkpoint, loop, metrics, optim, sharding, steps, steps_v2
+from d2v_jax import (
+  checkpoint,
+  config_check,
+  loop,
+  metrics,
+  optim,
+  sharding,
+  steps,
+  steps_v2,
+  workdir_lock,
+)
 from d2v_jax import evaluate as evaluate_lib
 from d2v_jax import state as state_lib
 from d2v_jax.data import audio as audio_data
@@ -113,6 +123,13 @@ def build(config: ml_collections.ConfigDict):
   return model, tx, schedule, make_state
 
 
+def record_config(workdir: pathlib.Path, config, ckpt: checkpoint.Checkpointer) -> None:
+  """Before a resume, refuses structure changes against the run's last config and warns about
+  the others; keeps the run's config history (`config_check.record`, written by process 0)."""
+  resuming = bool(checkpoint.step_dirs(ckpt.directory))
+  config_check.record(workdir, config, resuming=resuming, write=jax.process_index() == 0)
+
+
 def write_config(workdir: pathlib.Path, config) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -123,9 +140,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Every process of a multi-host run calls this with the same config: each loads its rows of
   every global batch, all of them step and checkpoint together, process 0 alone writes the
-  config, metrics and probe report.
+  config, metrics and probe report. Process 0 holds the work directory's lock throughout.
   """
-  workdir = pathlib.Path(workdir)
+  config_check.validate(config)
+  with workdir_lock.hold_for_run(workdir) as lock:
+    return _train_and_evaluate(config, pathlib.Path(workdir), lock)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, lock) -> dict:
   mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.input.batch_size, mesh)
   logging.info(
@@ -139,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_iter = iter(make_dataset(config, data_seed))
 
   state_sharding = sharding.train_state_shardings(make_state, mesh, config)
-  ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints, lock=lock)
+  record_config(workdir, config, ckpt)
   state, _ = loop.start(ckpt, make_state, data_iter, state_sharding)
   if jax.process_index() == 0:  # only now: a refused checkpoint leaves its run's config alone
     write_config(workdir, config)
@@ -160,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_probe.update(step=int(state.step), scores=scores)
     return {"probe_acc": float(np.mean(scores["linear"])), "probe_knn_acc": scores["knn"]}
 
-  writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
+  writer = metrics.MetricWriter(workdir, int(state.step)) if jax.process_index() == 0 else None
   try:
     state, last = loop.run(
       config,
@@ -220,9 +243,10 @@ def probe_report(model, initial_params, params, probe_cfg, probe_sets, trained=N
 
 def probe_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`mode=probe`: the probe on the workdir's newest checkpoint against the same initialisation."""
+  config_check.validate(config)
   workdir = pathlib.Path(workdir)
   ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
-  latest = ckpt.latest_step()
+  latest = ckpt.newest_intact_step()
   if latest is None:
     raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: pretrain first (mode=pretrain)")
   model, _, _, make_state = setup(config)
