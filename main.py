@@ -91,10 +91,33 @@ def default_run_name(config) -> str:
   return f"{config.modality}{task}_{config.model.variant}"
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one message (the hint first, the flag named) for a misspelt
+  config field, a missing or failing config file or a bad flag value, instead of a traceback."""
+  from d2v_jax import errors
+
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      raise app.UsageError("--config is required, e.g. --config=configs/audio.py")
+    _CONFIG.value.keys()  # a config file that failed to load raises its OSError here
+  except flags.Error as error:
+    errors.exit_with(f"{errors.flag_error_message(error, argv)} (see python main.py --help)")
+  except app.UsageError as error:
+    errors.exit_with(str(error))
+  except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
+    if flags.FLAGS["verbosity"].value >= 1:
+      raise
+    errors.exit_with(errors.flag_error_message(error, argv))
+  return rest
+
+
 def main(argv):
   del argv
   quiet_library_logs()
   import jax  # after flag parsing, so XLA_FLAGS set by launchers apply
+
+  from d2v_jax import errors
 
   init_distributed()
   jax.config.update("jax_threefry_partitionable", True)
@@ -104,14 +127,19 @@ def main(argv):
 
   try:
     run_mode(config, workdir)
-  except Exception:
+  except Exception as error:
     if jax.process_count() == 1:
+      errors.report(error)  # a mistake the user can mend: one message, exit 1
       raise
     # jax's shutdown waits at a barrier for every process, so a process that failed alone
     # would hang there (minutes, until the coordination timeout) with its error unprinted.
-    logging.exception(
-      "Process %d failed; exiting without the shutdown barrier", jax.process_index()
-    )
+    message = errors.user_message(error)
+    if message:
+      logging.error("Process %d: %s", jax.process_index(), message)
+    else:
+      logging.exception(
+        "Process %d failed; exiting without the shutdown barrier", jax.process_index()
+      )
     logging.flush()
     os._exit(1)
 
@@ -138,5 +166,4 @@ def run_mode(config, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

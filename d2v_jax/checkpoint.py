@@ -26,6 +26,7 @@ its rows of that batch), so a process count the checkpoint was not written with 
 """
 
 import dataclasses
+import errno
 import json
 import pathlib
 import re
@@ -229,6 +230,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator=None) -> None:
     """Saves `state` (and the data position, if an iterator is given: a converted checkpoint
     has none) with the config's self-description."""
+    self.check_space(state, step)
     meta = {**describe(self.config), "step": int(step), digest.META_FIELD: "sha256"}
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
@@ -236,6 +238,22 @@ class Checkpointer:
     self.manager.wait_until_finished()  # the previous step's digest names its own folder
     self._saving = int(step)
     self.manager.save(step, args=ocp.args.Composite(**items))
+
+  def check_space(self, state, step: int) -> None:
+    """Raises OSError(ENOSPC) naming the folder when the disk cannot hold one more checkpoint
+    of `state`: orbax's failed writes otherwise print a traceback per array and event loop."""
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) * 1.05 + (4 << 20)
+    if jax.process_count() > 1:
+      needed /= jax.process_count()  # each process writes its own shards (an estimate)
+    self.directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise OSError(
+        errno.ENOSPC,
+        f"No space left on device for checkpoint {step}: it needs about {needed / 2**20:.0f} MiB, "
+        f"{free / 2**20:.0f} MiB are free",
+        str(self.directory),
+      )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

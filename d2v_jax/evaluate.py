@@ -59,7 +59,20 @@ def load_word_clips(split: str, sample_rate: int = 16000, class_names=None) -> P
   if not clips:
     raise ValueError(f"The embedded speech set has no word clips in split {split!r}")
   class_names = class_names or tuple(sorted({c.word for c in clips}))
-  waves = [sources.read_audio(c.path, sample_rate) for c in clips]
+  waves, kept = [], []
+  for clip in clips:
+    try:
+      waves.append(sources.read_audio(clip.path, sample_rate))
+      kept.append(clip)
+    except (RuntimeError, OSError) as error:  # undecodable or non-finite: counted, named
+      logging.warning("Probe set: skipping %s (%s)", clip.path, error)
+  if len(kept) < len(clips):
+    logging.warning(
+      "Probe set (%s): skipped %d of %d clips", split, len(clips) - len(kept), len(clips)
+    )
+  if not kept:
+    raise ValueError(f"No word clip of split {split!r} decodes: the probe set is empty")
+  clips = kept
   longest = max(len(w) for w in waves)
   length = -(-longest // _FRAME_STRIDE) * _FRAME_STRIDE
   audio = np.zeros((len(waves), length), np.float32)

@@ -147,6 +147,7 @@ def run(
   window_start = time.perf_counter()
   step = int(state.step)
   saved_step = ckpt.latest_step()  # named by a health stop
+  ckpt.check_space(state, loop.total_steps)  # before compiling: the disk holds a checkpoint
   try:
     while step < loop.total_steps:
       trace.before(step + 1)

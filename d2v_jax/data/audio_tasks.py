@@ -94,7 +94,10 @@ def letters_to_words(letter_line: str) -> str:
 
 def _read_lines(path: Path) -> list[str]:
   """The lines of a text file, without their line ends (only "\\n" splits, unlike splitlines)."""
-  lines = path.read_text(encoding="utf-8").split("\n")
+  try:
+    lines = path.read_text(encoding="utf-8").split("\n")
+  except UnicodeDecodeError as error:
+    raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from error
   if lines and lines[-1] == "":
     lines.pop()  # the final newline ends the last line, it does not start another
   return [line.rstrip("\r") for line in lines]
@@ -663,7 +666,11 @@ def _log_summary(source, plan: audio.BatchPlan) -> None:
 
 
 class LoadEvalBatch(grain.transforms.Map):
-  """Eval batch index -> its examples, padded; filler rows repeat the batch's first example."""
+  """Eval batch index -> its examples, padded; filler rows repeat the batch's first example.
+
+  A record that fails to decode (or holds non-finite samples) keeps its row, silent and with
+  `example_mask` False, and is counted in `stats.decode_failures` with a warning naming it.
+  """
 
   def __init__(self, source, records, groups, batch_size: int, normalize: bool, labels):
     self.source = source
@@ -672,6 +679,7 @@ class LoadEvalBatch(grain.transforms.Map):
     self.batch_size = batch_size
     self.normalize = normalize
     self.labels = labels
+    self._failures = batching.DecodeFailures(source, "nothing: it is left out of the scores")
 
   def map(self, element: int) -> dict[str, np.ndarray]:
     length, examples = self.groups[element]
@@ -683,6 +691,9 @@ class LoadEvalBatch(grain.transforms.Map):
     num_valid = np.zeros(self.batch_size, np.int64)  # [b]
     for row, record in enumerate(records):
       wave = self._read(int(record))
+      if wave is None:  # left out of the scores: silence in its row, masked
+        example_mask[row], num_valid[row] = False, length
+        continue
       audio_rows[row] = pad_utterance(wave, length, self.normalize, self.source.describe(record))
       num_valid[row] = len(wave)
     return {
@@ -693,14 +704,17 @@ class LoadEvalBatch(grain.transforms.Map):
       "example_mask": example_mask,
     }
 
-  def _read(self, record: int) -> np.ndarray:
-    # No substitution at evaluation: a stand-in would change the score without a trace.
+  def _read(self, record: int) -> np.ndarray | None:
+    """The record's samples, or None (warned and counted) when it no longer decodes or holds
+    non-finite samples. No substitution at evaluation: a stand-in would change the score."""
     try:
       wave = self.source[record]
     except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
-      raise RuntimeError(f"Could not decode eval example {self.source.describe(record)}") from e
+      self._failures(record, e)
+      return None
     if not len(wave):
-      raise RuntimeError(f"Eval example {self.source.describe(record)} decoded to 0 samples")
+      self._failures(record, "decoded to 0 samples")
+      return None
     return wave
 
 

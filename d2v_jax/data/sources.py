@@ -14,7 +14,9 @@ Four kinds (`config.input.source`):
 File sources check every header (`soundfile.info`) at index time, so a batch plan never holds a
 bad file: unreadable and empty files are skipped and counted, multi-channel files are downmixed by
 averaging channels, and a file at another sample rate is an error (this pipeline never resamples).
-Each bad file is logged once, with its path.
+Each bad file is logged once, with its path. Samples are checked when a record is read: NaN, Inf
+or absurd magnitudes raise `NonFiniteAudioError`, a decode failure that every reader counts and
+skips (or substitutes) with the file's path, instead of a NaN loss that names no file.
 """
 
 import concurrent.futures
@@ -63,6 +65,30 @@ class AudioSource(Protocol):
   def describe(self, index: int) -> str: ...
 
 
+# Beyond this magnitude a sample is corrupt, not loud: PCM decodes to [-1, 1], float files hold
+# about that (or integer scale, up to 8.4e6 for 24-bit), and 1e30-sized samples overflow the
+# per-utterance normalisation (their squares pass float32's range).
+MAX_ABS_SAMPLE = 1e8
+
+
+class NonFiniteAudioError(RuntimeError):
+  """A record holds NaN, Inf or corrupt-sized samples. A RuntimeError like soundfile's decode
+  errors, so every reader that counts and skips undecodable files handles it the same way."""
+
+
+def check_samples(what, wave: np.ndarray) -> np.ndarray:
+  """`wave`, or NonFiniteAudioError naming `what` (a path or record) and what is wrong."""
+  if not np.all(np.isfinite(wave)):
+    bad = int(np.sum(~np.isfinite(wave)))
+    raise NonFiniteAudioError(f"{what}: {bad} of {wave.size} samples are NaN or infinite")
+  peak = float(np.max(np.abs(wave))) if wave.size else 0.0
+  if peak > MAX_ABS_SAMPLE:
+    raise NonFiniteAudioError(
+      f"{what}: samples reach {peak:.3g} in magnitude (above {MAX_ABS_SAMPLE:g}: corrupt)"
+    )
+  return wave
+
+
 def read_audio(path: str | Path, expected_sample_rate: int) -> np.ndarray:
   """Decodes an audio file to mono float32 in [-1, 1].
 
@@ -76,9 +102,11 @@ def read_audio(path: str | Path, expected_sample_rate: int) -> np.ndarray:
   Raises:
     ValueError: the file's sample rate is not `expected_sample_rate`.
     soundfile.LibsndfileError: the file cannot be opened or decoded.
+    NonFiniteAudioError: the file holds NaN, Inf or corrupt-sized samples.
   """
   wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [T, C]
   _check_sample_rate(path, rate, expected_sample_rate)
+  check_samples(path, wave)
   return wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
 
 
@@ -253,7 +281,12 @@ def manifest_source(manifest: str | Path, sample_rate: int) -> AudioFileSource:
   manifest = Path(manifest)
   if not manifest.is_file():
     raise FileNotFoundError(f"Audio manifest {manifest} not found")
-  lines = manifest.read_text(encoding="utf-8").splitlines()
+  try:
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as error:
+    raise ValueError(
+      f"Audio manifest {manifest} is not UTF-8 text (byte {error.start}: {error.reason})"
+    ) from error
   if not lines:
     raise ValueError(f"Audio manifest {manifest} is empty: expected a root directory line")
   root = Path(lines[0].strip())
@@ -338,7 +371,7 @@ class TfdsAudioSource:
       audio = audio / (np.iinfo(audio.dtype).max + 1.0)
     if audio.ndim > 1:
       audio = audio.mean(axis=1)
-    return audio.astype(np.float32)
+    return check_samples(self.describe(index), audio.astype(np.float32))
 
   def describe(self, index: int) -> str:
     return self._record_name(int(self.records[index]))
