@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from flax import linen as nn
 from PIL import Image
 
-from d2v_jax import pretrained
+from d2v_jax import errors, pretrained
 from d2v_jax.data import audio as audio_data
 from d2v_jax.data import image as image_data
 from d2v_jax.data import image_sources, sources, text_sources
@@ -698,14 +698,18 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _quiet_library_logs()
   values = flags.FLAGS
-  summary = run_extraction(
-    values.checkpoint,
-    values.input,
-    values.output,
-    values.layers,
-    values.format,
-    batch_size=values.batch_size,
-  )
+  try:
+    summary = run_extraction(
+      values.checkpoint,
+      values.input,
+      values.output,
+      values.layers,
+      values.format,
+      batch_size=values.batch_size,
+    )
+  except Exception as error:
+    errors.report(error)  # a missing input, a damaged checkpoint: one message, exit 1
+    raise
   print(json.dumps(summary, indent=2))
 
 

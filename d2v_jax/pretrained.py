@@ -59,11 +59,7 @@ def locate_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   lock = workdir_lock.WorkdirLock(directory.parent)
   try:
-    may_move = lock.try_acquire()
-  except OSError:  # a read-only folder: nothing can be moved there anyway
-    may_move = False
-  try:
-    step = checkpoint.newest_intact_step(directory, may_move=may_move)
+    step = checkpoint.newest_intact_step(directory, may_move=lock.try_acquire())
   finally:
     lock.release()
   if step is None:

@@ -245,7 +245,18 @@ def probe_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`mode=probe`: the probe on the workdir's newest checkpoint against the same initialisation."""
   config_check.validate(config)
   workdir = pathlib.Path(workdir)
-  ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints)
+  # With the work directory free the probe holds its lock and may move a damaged step aside;
+  # beside a live run it skips the step and leaves it in place.
+  lock = workdir_lock.WorkdirLock(workdir)
+  lock.try_acquire()
+  try:
+    ckpt = checkpoint.Checkpointer(workdir, config, keep=config.loop.keep_checkpoints, lock=lock)
+    return _probe(config, workdir, ckpt)
+  finally:
+    lock.release()
+
+
+def _probe(config, workdir: pathlib.Path, ckpt: checkpoint.Checkpointer) -> dict:
   latest = ckpt.newest_intact_step()
   if latest is None:
     raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: pretrain first (mode=pretrain)")

@@ -34,12 +34,21 @@ class WorkdirLock:
   def held(self) -> bool:
     return self._fd is not None
 
-  def try_acquire(self) -> bool:
-    """Takes the lock if it is free; True when this process now holds it."""
+  def try_acquire(self, create: bool = False) -> bool:
+    """Takes the lock if it is free; True when this process now holds it. A reader
+    (`create=False`) neither creates a missing work directory nor fails on a read-only one."""
     if self._fd is not None:
       return True
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    if create:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+    elif not self.path.parent.is_dir():
+      return False
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+      if create:
+        raise
+      return False
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -53,7 +62,7 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock or raises WorkdirBusyError naming the holder."""
-    if not self.try_acquire():
+    if not self.try_acquire(create=True):
       try:
         holder = self.path.read_text().strip() or "unknown"
       except OSError:

@@ -596,3 +596,39 @@ def test_tfds_transcripts_and_class_labels(tfds_dir):
   with pytest.raises(ValueError, match=r"no 'words' feature \(config.input.tfds_text_feature\)"):
     config = _config("ctc", **fields, tfds_text_feature="words")
     audio_tasks.make_audio_finetune_dataset(config, seed=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_non_finite_audio_is_a_counted_skip_in_fine_tuning(tmp_path, caplog, bad):
+  """Issue 23: a float file holding NaN, Inf or 1e30 is substituted in training batches and left
+  out of the scores at evaluation, each time with its path, instead of a NaN loss later."""
+  _write_ramp_split(tmp_path, "train", RAMP_TRAIN, offset=0)
+  broken = tmp_path / "audio" / "train03.flac"
+  wave = soundfile.read(broken, dtype="float32")[0]
+  wave[10] = bad
+  broken.unlink()
+  broken = broken.with_suffix(".wav")
+  soundfile.write(broken, wave, RATE, subtype="FLOAT")
+  manifest = tmp_path / "train.tsv"
+  manifest.write_text(manifest.read_text().replace("train03.flac", "train03.wav"))
+  ds = audio_tasks.make_audio_finetune_dataset(_ramp_config(tmp_path), seed=0)
+  with caplog.at_level(logging.WARNING):
+    batches = [ds.batches[i] for i in range(ds.batches_per_epoch)]
+  assert ds.stats.decode_failures >= 1 and str(broken) in caplog.text
+  assert all(np.isfinite(b["audio"]).all() for b in batches)
+  eval_set = audio_tasks.audio_eval_batches(_ramp_config(tmp_path), "train")
+  entries = []
+  for batch in eval_set.batches():
+    assert np.isfinite(batch["audio"]).all()
+    for row, num_valid, real in zip(batch["audio"], _num_valid(batch), batch["example_mask"]):
+      if real:
+        entries.append(_ramp_entry(row, num_valid))
+  assert 3 not in entries and len(entries) == eval_set.num_examples - 1
+
+
+def test_a_manifest_that_is_not_utf8_names_its_path(tmp_path):
+  _write_ramp_split(tmp_path, "train", RAMP_TRAIN, offset=0)
+  words = tmp_path / "train.wrd"
+  words.write_bytes(words.read_bytes().replace(b"A", b"\xe9", 1))  # Latin-1, not UTF-8
+  with pytest.raises(ValueError, match=f"{words} is not UTF-8 text"):
+    audio_tasks.make_audio_finetune_dataset(_ramp_config(tmp_path), seed=0)

@@ -443,3 +443,29 @@ def test_decode_failure_after_indexing_is_substituted(tmp_path, caplog):
   # good4, the next member of good3's bucket, stands in for it.
   levels = sorted(np.round(rows[:, 0] * 20).astype(int) - 1)  # the i of each row's good{i}
   assert levels == [0, 1, 2, 4, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+  "bad, says", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (1e30, r"reach 1e\+30")]
+)
+def test_non_finite_samples_are_substituted_and_named(tmp_path, caplog, bad, says):
+  """Issue 23: NaN, Inf or 1e30 samples in a float WAV never reach a batch; the file is named."""
+  wave = np.full(500, 0.5, np.float32)
+  wave[7] = bad
+  folder = _folder_with(tmp_path, {}, num_good=8)
+  soundfile.write(folder / "good3.wav", wave, RATE, subtype="FLOAT")  # same bucket as good3
+  (folder / "good3.flac").unlink()
+  with pytest.raises(sources.NonFiniteAudioError, match=f"good3.wav: .*{says}"):
+    read_audio(folder / "good3.wav", RATE)
+  ds = make_audio_pretrain_dataset(_input_cfg(folder), seed=0)
+  with caplog.at_level(logging.WARNING):
+    rows = np.concatenate([ds.batches[i]["audio"] for i in range(ds.batches_per_epoch)])
+  assert np.isfinite(rows).all() and ds.stats.decode_failures == 1
+  assert str(folder / "good3.wav") in caplog.text
+
+
+def test_a_manifest_that_is_not_utf8_names_its_path(tmp_path):
+  manifest = tmp_path / "train.tsv"
+  manifest.write_bytes(b"/data\n\xff\xfe.wav\t100\n")
+  with pytest.raises(ValueError, match=f"{manifest} is not UTF-8 text"):
+    sources.manifest_source(manifest, RATE)

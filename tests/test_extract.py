@@ -224,3 +224,19 @@ def test_input_settings_default_to_the_modality_config_without_config_json(tmp_p
   (tmp_path / "config.json").write_text(json.dumps({"modality": "audio", "input": {}}))
   with pytest.raises(ValueError, match="audio run"):
     extract.run_input_config(run)
+
+
+def test_cli_skips_non_finite_audio_and_writes_the_rest(audio_extractor, tmp_path, caplog):
+  """Issue 23: a NaN or 1e30 file is a counted skip naming its path, not the job's end."""
+  folder = tmp_path / "wavs"
+  folder.mkdir()
+  soundfile.write(folder / "a.wav", tone(8000, 2), SAMPLE_RATE)
+  for name, bad in (("nan.wav", np.nan), ("huge.wav", 1e30)):
+    wave = tone(8000, 3)
+    wave[100] = bad
+    soundfile.write(folder / name, wave, SAMPLE_RATE, subtype="FLOAT")
+  with caplog.at_level("WARNING"):
+    summary = extract.run_extraction(audio_extractor, folder, tmp_path / "out")
+  assert summary["written"] == 1 and summary["skipped"] == 2
+  assert str(folder / "nan.wav") in caplog.text and str(folder / "huge.wav") in caplog.text
+  assert (tmp_path / "out" / "a.npz").is_file()

@@ -75,6 +75,53 @@ def test_resumed_run_matches_uninterrupted(tmp_path, modality):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
+def _metric_steps(workdir) -> list[int]:
+  rows = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(row)["step"] for row in rows]
+
+
+def test_resume_skips_a_damaged_step_and_matches_uninterrupted(tmp_path, caplog):
+  """Issue 23: flipped bytes in the newest step; the rerun moves it aside, resumes from the
+  older one, and ends where an uninterrupted run ends, with its metrics rows once each."""
+  config = tiny_config(total_steps=6)
+  train.train_and_evaluate(config, tmp_path / "straight")
+  damaged = tmp_path / "damaged"
+  train.train_and_evaluate(config, damaged)
+  array_files = (damaged / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir()
+  biggest = max(array_files, key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[100:108] = bytes(b ^ 0xFF for b in data[100:108])
+  biggest.write_bytes(bytes(data))
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, damaged)
+  assert "Skipping damaged checkpoint" in caplog.text and "checkpoints/6" in caplog.text
+  assert (damaged / checkpoint.DAMAGED_DIR / "6").is_dir()
+  a = restore_params(tmp_path / "straight", config, 6)
+  b = restore_params(damaged, config, 6)
+  for x, y in zip(jax.tree.leaves((a.params, a.teacher)), jax.tree.leaves((b.params, b.teacher))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  assert _metric_steps(damaged) == _metric_steps(tmp_path / "straight") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_a_changed_config_warns_and_keeps_its_history(tmp_path, caplog):
+  config = tiny_config(total_steps=3)
+  train.train_and_evaluate(config, tmp_path)
+  with config.unlocked():
+    config.loop.total_steps = 4
+    config.optim.lr = 1e-4
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, tmp_path)
+  assert "loop.total_steps: 3 -> 4" in caplog.text and "optim.lr: 0.0005 -> 0.0001" in caplog.text
+  history = (tmp_path / "config_history.jsonl").read_text().splitlines()
+  assert [json.loads(h)["config"]["optim"]["lr"] for h in history] == [5e-4, 1e-4]
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-4
+  with config.unlocked():
+    config.loop.total_steps = 5
+    config.ema.teacher_params = ("frontend", "encoder")
+  with pytest.raises(ValueError, match=r"changed ema.teacher_params .*structure"):
+    train.train_and_evaluate(config, tmp_path)
+
+
 def test_divergence_stops_and_keeps_good_checkpoint(tmp_path):
   config = tiny_config(total_steps=3)
   train.train_and_evaluate(config, tmp_path)
@@ -104,7 +151,8 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 def test_killed_run_resumes_from_saved_step(tmp_path):
-  """main.py killed after its first checkpoint restarts from that step and data position."""
+  """main.py killed (twice) after a checkpoint restarts from that step and data position, with
+  each metrics row once; a second command on the live run's work directory is refused."""
   args = [
     sys.executable,
     "main.py",
@@ -113,30 +161,38 @@ def test_killed_run_resumes_from_saved_step(tmp_path):
     "--config.model.variant=tiny",
     "--config.input.batch_size=8",
     "--config.input.crop_lengths=(4000,8000)",
-    "--config.loop.total_steps=40",
+    "--config.loop.total_steps=60",
     "--config.loop.checkpoint_every=2",
     "--config.loop.log_every=2",
     "--config.loop.progress_bar=False",
     "--config.probe.enabled=False",
   ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  proc = subprocess.Popen(
-    args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-  )
   ckpts = tmp_path / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
-      break
-    time.sleep(0.5)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-  assert 0 < saved < 40
+  saved = 0
+  for kill in range(2):
+    proc = subprocess.Popen(
+      args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if checkpoint.step_dirs(ckpts) and max(checkpoint.step_dirs(ckpts)) >= saved + 4:
+        break
+      time.sleep(0.5)
+    if kill == 0:  # issue 23: one writer per work directory, refused at once
+      second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+      assert second.returncode == 1
+      assert "is in use by another run (pid" in second.stderr.splitlines()[-1]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = max(checkpoint.step_dirs(ckpts))
+    assert 0 < saved < 60
 
-  args[args.index("--config.loop.total_steps=40")] = f"--config.loop.total_steps={saved + 2}"
+  args[args.index("--config.loop.total_steps=60")] = f"--config.loop.total_steps={saved + 2}"
   result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from step {saved}" in result.stderr
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert f'"step": {saved + 2}' in lines[-1]
+  # Rows the killed runs logged past their checkpoints were dropped: each step once, in order.
+  assert _metric_steps(tmp_path) == list(range(2, saved + 3, 2))

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from d2v_jax import checkpoint
 from d2v_jax.convert import common, workdir
 
 
@@ -38,7 +39,13 @@ def main(argv=None) -> int:
       config = workdir.export_checkpoint(args.workdir, args.out_dir)
       print(f"Wrote {args.out_dir}: {config['architectures'][0]}")
       print(json.dumps({k: config[k] for k in ("hidden_size", "num_hidden_layers")}))
-  except (common.ConversionError, FileNotFoundError, FileExistsError, ValueError) as error:
+  except (
+    common.ConversionError,
+    checkpoint.CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+  ) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   return 0
