@@ -66,13 +66,22 @@ def _read_meta(step_dir: pathlib.Path) -> tuple[dict | None, str | None]:
 
 
 def problem(step_dir: pathlib.Path) -> str | None:
-  """What is wrong with the checkpoint step at `step_dir`, or None when it is intact.
+  """What is wrong with the checkpoint step at `step_dir`, or None when it is intact (see
+  `_problem`); a file that cannot be read (or vanishes meanwhile: another process moved the
+  step aside) is what is wrong."""
+  try:
+    return _problem(pathlib.Path(step_dir))
+  except OSError as error:
+    return f"{error.filename or step_dir} cannot be read ({error.strerror or error})"
+
+
+def _problem(step_dir: pathlib.Path) -> str | None:
+  """What is wrong with the step at `step_dir`, or None.
 
   Intact: its meta and orbax's step metadata are readable JSON, `state/` exists, and every
   file `digest.json` lists has its recorded size and SHA-256 (a step written before digests,
   without the meta field, passes on the other checks alone).
   """
-  step_dir = pathlib.Path(step_dir)
   if not step_dir.is_dir():
     return "it is not a folder"
   if not any(step_dir.iterdir()):
