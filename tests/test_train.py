@@ -5,6 +5,7 @@ import os
 import pathlib
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -80,6 +81,23 @@ def _metric_steps(workdir) -> list[int]:
   return [json.loads(row)["step"] for row in rows]
 
 
+def _tensorboard_purges(workdir) -> list[int]:
+  """The steps of the SessionLog START events (TensorBoard drops the events at and after each
+  one's step from the files before it) in `workdir/tensorboard`, oldest file first."""
+  from tensorboardX.proto import event_pb2
+
+  starts = []
+  for path in sorted((pathlib.Path(workdir) / "tensorboard").iterdir()):
+    data, at = path.read_bytes(), 0
+    while at < len(data):  # TFRecord: length, its CRC, the Event, the Event's CRC
+      (length,) = struct.unpack("<Q", data[at : at + 8])
+      event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+      at += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        starts.append(event.step)
+  return starts
+
+
 def test_resume_skips_a_damaged_step_and_matches_uninterrupted(tmp_path, caplog):
   """Issue 23: flipped bytes in the newest step; the rerun moves it aside, resumes from the
   older one, and ends where an uninterrupted run ends, with its metrics rows once each."""
@@ -101,6 +119,7 @@ def test_resume_skips_a_damaged_step_and_matches_uninterrupted(tmp_path, caplog)
   for x, y in zip(jax.tree.leaves((a.params, a.teacher)), jax.tree.leaves((b.params, b.teacher))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
   assert _metric_steps(damaged) == _metric_steps(tmp_path / "straight") == [1, 2, 3, 4, 5, 6]
+  assert _tensorboard_purges(damaged)[-1] == 4  # resumed at 3: TensorBoard hides 4 onwards
 
 
 def test_resume_with_a_changed_config_warns_and_keeps_its_history(tmp_path, caplog):
