@@ -20,7 +20,7 @@ from test_convert_fairseq import audio_cfg, fairseq_audio, with_ema
 from configs import workdir as workdir_config
 from d2v_jax import checkpoint, extract, pretrained, train
 from d2v_jax.convert import __main__ as cli
-from d2v_jax.convert import common, files, workdir
+from d2v_jax.convert import files, workdir
 
 
 def _hf_dir(tmp_path, task) -> pathlib.Path:
@@ -88,26 +88,6 @@ def test_bad_sources_are_clear_errors(tmp_path, capsys):
   assert cli.main(["import", str(tmp_path / "weights_only"), str(tmp_path / "out")]) == 1
   assert "neither model.safetensors" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
-
-
-def test_pickles_load_only_with_weights_only(tmp_path):
-  """Without torch: an error naming the optional extra. With torch: a pickle holding a Python
-  object (as fairseq's config) is refused with the re-save recipe, never unpickled."""
-  path = tmp_path / "model.pt"
-  try:
-    import torch
-  except ImportError:
-    path.write_bytes(b"not read")
-    with pytest.raises(common.ConversionError, match="needs torch"):
-      files.load_torch_file(path)
-    return
-  import argparse
-
-  torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(a=1)}, path)
-  with pytest.raises(common.ConversionError, match="weights_only=True"):
-    files.load_torch_file(path)
-  torch.save({"model": {"w": torch.zeros(2, dtype=torch.bfloat16)}}, path)
-  assert files.load_torch_file(path)["model"]["w"].dtype == np.float32
 
 
 def test_fairseq_pretraining_checkpoint_keeps_its_ema_teacher(tmp_path, monkeypatch):

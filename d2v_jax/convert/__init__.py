@@ -6,12 +6,12 @@
   pretraining or fine-tuning model.
 - `fairseq_v1`: released data2vec 1.0 fairseq (speech, text) and BEiT (vision) state dicts renamed
   to HF names, with the EMA teacher, so that the HF converters do the rest.
-- `files`: reading HF directories (safetensors without torch) and PyTorch pickles (only with
-  `weights_only=True`); writing HF directories.
+- `files`: reading HF directories (safetensors) and PyTorch pickles (`torch_pickle`: tensors and
+  configs only, without torch); writing HF directories.
 - `workdir`: a converted checkpoint as a d2v-jax work directory, and a run back to HF;
   `python -m d2v_jax.convert import|export` (`__main__`).
 - `common`: what the converters share: `ConversionError`, the key tables, the state-dict check
   that lists every offending key, and the export.
 
-The converters themselves are pure numpy: torch is imported only to read a `.pt`/`.bin` file.
+The converters are pure numpy: torch is never imported.
 """

@@ -3,11 +3,9 @@
 - HF model directories: `config.json` with `model.safetensors` (or a sharded
   `model.safetensors.index.json`), read with `safetensors.numpy` (no torch), or
   `pytorch_model.bin`.
-- PyTorch pickles (`.pt`, `.pth`, `.bin`): loaded only with `torch.load(weights_only=True)`,
-  which refuses to run code from the file. torch is an optional extra: without it these files
-  get an error saying how to install it. fairseq checkpoints hold their config as omegaconf /
-  argparse objects, which `weights_only=True` refuses; the error says how to re-save such a file
-  with plain Python types in an environment you trust.
+- PyTorch pickles (`.pt`, `.pth`, `.bin`): read without torch by `torch_pickle`, which rebuilds
+  the tensors and turns fairseq's omegaconf / argparse configs into plain dicts, and refuses any
+  other Python global the file names (so nothing in it runs).
 - Writing an HF directory: `config.json` + `model.safetensors`.
 
 Every tensor comes back as a float32 numpy array (bf16/fp16 widened), nested dicts as dicts.
@@ -16,65 +14,50 @@ Every tensor comes back as a float32 numpy array (bf16/fp16 widened), nested dic
 import json
 import pathlib
 import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 
-from d2v_jax.convert import common
+from d2v_jax.convert import common, torch_pickle
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_SHARD_INDEX = "model.safetensors.index.json"
 HF_TORCH_WEIGHTS = "pytorch_model.bin"
 
-RESAVE_RECIPE = """\
-The file holds Python objects besides tensors (fairseq stores its config as omegaconf/argparse
-objects), and d2v-jax loads pickles only with torch.load(weights_only=True), which will not run
-code from a file. If you trust the file, re-save it with plain types once, e.g. with fairseq
-installed:
-    python -c "import torch; from omegaconf import OmegaConf as O; c = torch.load('IN.pt', \\
-      weights_only=False); cfg = c.get('cfg'); torch.save({'model': c['model'], \\
-      'cfg': O.to_container(cfg, resolve=True) if cfg is not None else \\
-      {'model': vars(c['args'])}}, 'OUT.pt')"
-and convert OUT.pt."""
-
 
 def _to_numpy(value: Any) -> Any:
-  """Tensors (torch or numpy) -> numpy, floating ones float32 (torch widens bf16/fp16, which
-  numpy lacks); integer buffers keep their type; dicts, lists and other values recurse or stay."""
+  """Arrays -> numpy, floating ones (bf16 and fp16 included) float32; integer buffers keep
+  their type; dicts, lists and other values recurse or stay."""
   if isinstance(value, Mapping):
     return {k: _to_numpy(v) for k, v in value.items()}
   if isinstance(value, list | tuple):
     return type(value)(_to_numpy(v) for v in value)
-  if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu()
-    return (value.float() if value.is_floating_point() else value).numpy()
-  if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+  if isinstance(value, np.ndarray) and (
+    np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
+  ):
     return value.astype(np.float32)
   return value
 
 
 def load_torch_file(path: str | pathlib.Path) -> dict:
-  """A PyTorch pickle, loaded with `weights_only=True`; tensors -> numpy.
+  """A PyTorch checkpoint file (`torch.save`'s format), read without torch: tensors -> numpy
+  (floating ones float32), configs -> plain dicts.
 
   Raises:
-    common.ConversionError: torch is missing, or the file holds more than plain types.
+    common.ConversionError: the file is not a torch archive, or names a Python global beyond
+      tensors and configs (the error names it; nothing from the file ran).
   """
   path = pathlib.Path(path)
   try:
-    import torch
-  except ImportError as error:
-    raise common.ConversionError(
-      f"{path}: reading a PyTorch file needs torch, an optional extra of d2v-jax "
-      "(pip install torch --index-url https://download.pytorch.org/whl/cpu); safetensors files "
-      "convert without it"
-    ) from error
-  try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as error:
-    raise common.ConversionError(f"{path}: {RESAVE_RECIPE}\n(torch said: {error})") from error
+    loaded = torch_pickle.plain(torch_pickle.load(path))
+  except (pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError, EOFError) as error:
+    message = str(error) if str(path) in str(error) else f"{path}: {error}"
+    raise common.ConversionError(message) from error
   if not isinstance(loaded, Mapping):
     raise common.ConversionError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
   return _to_numpy(dict(loaded))
