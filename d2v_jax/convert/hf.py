@@ -62,6 +62,8 @@ class Imported:
   dropped: tuple[str, ...]  # source keys not carried over, each with the reason
   version: int = 1
   teacher: dict | None = None  # {path tuple in our tree: array}; None: no EMA teacher
+  kept: tuple[str, ...] = ()  # source keys beyond the encoder carried over (regression head)
+  recipe: tuple | None = None  # fairseq 1.0: (cfg.model, cfg.task) the file was trained with
 
 
 def modality_of(hf_config: Mapping[str, Any]) -> str:

@@ -34,7 +34,7 @@ from absl import logging
 
 from d2v_jax import checkpoint, ctc, optim, pretrained, teacher
 from d2v_jax import state as state_lib
-from d2v_jax.convert import common, fairseq_v1, fairseq_v2, files, hf
+from d2v_jax.convert import common, fairseq_recipe, fairseq_v1, fairseq_v2, files, hf
 from d2v_jax.data import tokenizer as tokenizer_lib
 from d2v_jax.models import data2vec
 
@@ -62,7 +62,7 @@ def read_source(src: str | pathlib.Path, *, seed: int = 0) -> tuple[hf.Imported,
     state_dict, hf_config = files.load_hf_dir(src)
     return hf.from_hf(state_dict, hf_config, seed=seed), "hf"
   ckpt = files.load_torch_file(src)
-  model_dict, cfg, ema = _fairseq_parts(ckpt, src)
+  model_dict, cfg, task_cfg, ema = _fairseq_parts(ckpt, src)
   if fairseq_v2.is_v2(model_dict):
     return fairseq_v2.from_fairseq(model_dict, cfg, seed=seed), "fairseq-v2"
   named = fairseq_v1.to_hf(model_dict, cfg)
@@ -71,8 +71,19 @@ def read_source(src: str | pathlib.Path, *, seed: int = 0) -> tuple[hf.Imported,
     teacher_dict = fairseq_v1.to_hf(ema, cfg).state_dict
   imported = hf.from_hf(named.state_dict, named.hf_config, seed=seed)
   teacher = _hf_teacher_leaves(imported.modality, teacher_dict, named.hf_config)
-  dropped = (*named.dropped, *imported.dropped)
-  return dataclasses.replace(imported, dropped=dropped, teacher=teacher), "fairseq"
+  dropped, params, kept = (*named.dropped, *imported.dropped), imported.params, ()
+  head, head_keys = fairseq_recipe.regression_head(imported.modality, model_dict)
+  if head is not None and imported.head_cfg is None:  # a pretraining file: keep its head
+    fairseq_recipe.check_head_shapes(head, params["final_proj"])
+    params, kept = {**params, "final_proj": head}, tuple(head_keys)
+    dropped = tuple(d for d in dropped if d.split(":")[0] not in head_keys)
+    ema_head, _ = fairseq_recipe.regression_head(imported.modality, ema or {})
+    if ema_head is not None and teacher is not None:  # BEiT's teacher has its own lm_head
+      teacher.update({("final_proj", k): v for k, v in ema_head.items()})
+  imported = dataclasses.replace(
+    imported, params=params, dropped=dropped, teacher=teacher, kept=kept, recipe=(cfg, task_cfg)
+  )
+  return imported, "fairseq"
 
 
 def _hf_teacher_leaves(modality: str, teacher_dict: dict | None, hf_config: dict) -> dict | None:
@@ -87,13 +98,16 @@ def _hf_teacher_leaves(modality: str, teacher_dict: dict | None, hf_config: dict
 
 
 def _fairseq_parts(ckpt: dict, src: pathlib.Path):
-  """(model state dict, model config dict or None, BEiT EMA state dict or None) of a `.pt`."""
+  """(model state dict, model config dict or None, task config dict or None, BEiT EMA state
+  dict or None) of a `.pt`."""
   for key in ("model", "module"):  # fairseq and BEiT pretraining; BEiT (DeepSpeed) fine-tuning
     if isinstance(ckpt.get(key), dict):
-      cfg = ckpt.get("cfg")
-      cfg = cfg.get("model", cfg) if isinstance(cfg, dict) else ckpt.get("args")
+      full = ckpt.get("cfg")
+      cfg = full.get("model", full) if isinstance(full, dict) else ckpt.get("args")
+      task = full.get("task") if isinstance(full, dict) else None
       ema = ckpt.get("model_ema") if isinstance(ckpt.get("model_ema"), dict) else None
-      return ckpt[key], cfg if isinstance(cfg, dict) else None, ema
+      cfg = cfg if isinstance(cfg, dict) else None
+      return ckpt[key], cfg, task if isinstance(task, dict) else None, ema
   raise common.ConversionError(
     f"{src}: expected a fairseq or BEiT checkpoint (a dict with 'model' or 'module'); its keys "
     f"are {sorted(ckpt)[:10]}"
@@ -209,6 +223,9 @@ def import_checkpoint(src, out_dir, *, seed: int = 0) -> dict:
     )
   imported, kind = read_source(src, seed=seed)
   config = run_config(imported)
+  recipe = []
+  if imported.recipe is not None and imported.head_cfg is None:
+    recipe = fairseq_recipe.apply_recipe(config, imported.modality, *imported.recipe)
   state, teacher_origin = _state(config, imported)
   written = _copy_side_files(src, out_dir, config, imported)
   ckpt = checkpoint.Checkpointer(out_dir, config, keep=config.loop.keep_checkpoints)
@@ -225,6 +242,8 @@ def import_checkpoint(src, out_dir, *, seed: int = 0) -> dict:
     "head": imported.head_cfg.to_dict() if imported.head_cfg is not None else None,
     "model": imported.model_cfg.to_dict(),
     "teacher": teacher_origin,
+    "kept": list(imported.kept),
+    "recipe": recipe,
     "dropped": list(imported.dropped),
     "files": ["checkpoints/0", "config.json", *written],
   }
