@@ -25,27 +25,43 @@ FORWARD_TOL = 1e-4
 LOSS_RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["audio_v1"])
+@pytest.fixture(scope="module", params=["audio_v1", "text_v1"])
 def imported(request, tmp_path_factory):
   """(config, model, restored train state, fairseq's outputs, conversion report)."""
   out = tmp_path_factory.mktemp(request.param) / "run"
   report = workdir.import_checkpoint(FIXTURES / f"{request.param}.pt", out)
   config = workdir_config.get_config(str(out))
-  model, _, _, make_state = train.setup(config)
+  model, _, _, make_state = train.build(config)  # the file's vocabulary, not a tokenizer's
   state = checkpoint.Checkpointer(out, config).restore(0, checkpoint.abstract_state(make_state))
   reference = dict(np.load(FIXTURES / f"{request.param}.npz"))
   return config, model, state, reference, report
 
 
 def _ours(config, model, state, reference):
-  """Our tensors for fairseq's batch and mask, under the fixture's names."""
-  inputs = jnp.asarray(reference["input/source"])
-  padding = jnp.zeros(inputs.shape, bool)
+  """Our tensors for fairseq's batch and mask, under the fixture's names. Speech: the mask
+  replaces frames by the mask embedding; text: the student reads fairseq's masked ids and the
+  teacher the clean ones, as our step does."""
   mask = jnp.asarray(reference["input/mask"])
+  if config.modality == "text":
+    inputs = jnp.asarray(reference["input/target_tokens"])
+    student_inputs = jnp.asarray(reference["input/src_tokens"])
+    padding, embedding_mask = inputs == config.model.pad_id, None
+  else:
+    inputs = student_inputs = jnp.asarray(reference["input/source"])
+    padding, embedding_mask = jnp.zeros(inputs.shape, bool), mask
   variables = {"params": state.params}
-  tokens, token_padding = model.apply(variables, inputs, padding, train=False, method=model.embed)
-  _, clean = model.apply(variables, tokens, token_padding, None, train=False, method=model.encode)
-  x, _ = model.apply(variables, tokens, token_padding, mask, train=False, method=model.encode)
+  clean_tokens, clean_padding = model.apply(
+    variables, inputs, padding, train=False, method=model.embed
+  )
+  _, clean = model.apply(
+    variables, clean_tokens, clean_padding, None, train=False, method=model.encode
+  )
+  tokens, token_padding = model.apply(
+    variables, student_inputs, padding, train=False, method=model.embed
+  )
+  x, _ = model.apply(
+    variables, tokens, token_padding, embedding_mask, train=False, method=model.encode
+  )
   pred = model.apply(variables, x, method=model.predict)
   y = steps.teacher_targets(model, config, state.teacher, inputs, padding, tokens, token_padding)
   weights = mask & ~token_padding
@@ -54,9 +70,12 @@ def _ours(config, model, state, reference):
     pred, y, weights, beta=config.loss.beta, scale=scale, reduce_dims=config.loss.reduce_dims
   )
   out = {f"out/layer/{i}": layer["block"] for i, layer in enumerate(clean["layers"])}
+  out = {k: np.where(~np.asarray(clean_padding)[..., None], v, 0.0) for k, v in out.items()}
   where = np.asarray(mask)
+  # fairseq's text model returns padded rows' outputs at padded positions too: compare valid ones.
+  valid = ~np.asarray(token_padding)[..., None]
   out |= {
-    "out/masked_final": x,
+    "out/masked_final": np.where(valid, x, 0.0),
     "out/targets": np.asarray(y)[where],  # fairseq's order: row-major over (B, T)
     "out/pred": np.asarray(pred)[where],
     "loss": loss,
@@ -67,8 +86,16 @@ def _ours(config, model, state, reference):
 def test_encoder_targets_and_head_equal_fairseqs(imported):
   config, model, state, reference, _ = imported
   ours = _ours(config, model, state, reference)
+  padded = (
+    np.asarray(reference["input/target_tokens"] == config.model.pad_id)[..., None]
+    if (config.modality == "text")
+    else False
+  )
   for name in [k for k in reference if k.startswith("out/") and k not in _SCALARS]:
-    np.testing.assert_allclose(ours[name], reference[name], atol=FORWARD_TOL, err_msg=name)
+    want = reference[name]
+    if want.ndim == 3:  # [B, T, D]: padded positions hold no output of ours
+      want = np.where(padded, 0.0, want)
+    np.testing.assert_allclose(ours[name], want, atol=FORWARD_TOL, err_msg=name)
 
 
 _SCALARS = ("out/loss_sum", "out/sample_size")
@@ -84,9 +111,12 @@ def test_first_loss_equals_fairseqs(imported):
 
 
 def test_conversion_json_lists_the_head_and_the_recipe(imported):
+  """The head is listed as kept, not dropped, and each recipe field says where it came from:
+  the fixtures use values other than this project's recipes, so a default would show."""
   config, _, _, _, report = imported
-  assert report["kept"] == ["final_proj.weight", "final_proj.bias"]
-  assert not any(line.startswith("final_proj") for line in report["dropped"])
+  head = {"audio": "final_proj.", "text": "encoder.regression_head."}[config.modality]
+  assert report["kept"] and all(key.startswith(head) for key in report["kept"])
+  assert not any(line.startswith(head) for line in report["dropped"])
   rows = {row["field"]: row for row in report["recipe"]}
   assert rows["targets.top_k"] == {
     "field": "targets.top_k",
@@ -94,8 +124,14 @@ def test_conversion_json_lists_the_head_and_the_recipe(imported):
     "ours": 2,
     "from": "cfg.model.average_top_k_layers",
   }
-  assert rows["loss.scale"]["file"] is None and rows["loss.scale"]["ours"] == -1.0
-  assert rows["ema.decay"]["ours"] == config.ema.decay == 0.998
-  assert rows["masking.length"]["ours"] == config.masking.length == 5
-  assert rows["targets.layer_norm"]["ours"] == "instance"
+  if config.modality == "audio":
+    assert rows["loss.scale"]["file"] is None and rows["loss.scale"]["ours"] == -1.0
+    assert rows["ema.decay"]["ours"] == config.ema.decay == 0.998
+    assert rows["masking.length"]["ours"] == config.masking.length == 5
+    assert rows["targets.layer_norm"]["ours"] == "instance"
+  else:
+    assert rows["loss.beta"]["ours"] == config.loss.beta == 4.0
+    assert rows["ema.anneal_steps"]["ours"] == config.ema.anneal_steps == 300
+    assert rows["targets.layer_norm"]["ours"] == "layer"
+    assert rows["masking.span_prob"]["from"] == "cfg.task.mask_prob"
   json.dumps(report)  # conversion.json holds it

@@ -74,7 +74,8 @@ class Field:
 
 
 def _scale(value):
-  return -1.0 if value is None else float(value)  # fairseq None = 1/sqrt(D), ours -1
+  """fairseq's None (speech) or <= 0 (text) = 1/sqrt(D): ours is -1."""
+  return -1.0 if value is None or value <= 0 else float(value)
 
 
 _HEALTH = (
@@ -148,6 +149,15 @@ def apply_recipe(config, modality: str, cfg: Mapping[str, Any] | None, task_cfg=
   def put(ours: str, value, source: str | None, raw=_MISSING):
     """Sets `ours` to `value` when the file has the field (`source`), and records the row."""
     group, name = ours.split(".")
+    if name not in config[group]:  # e.g. text has no layerdrop: only its off value fits
+      if source is not None and value:
+        raise common.ConversionError(
+          f"cfg.{source}={value!r}: d2v-jax's {config.modality} model has no {ours}"
+        )
+      origin = f"cfg.{source}" if source else "not in the file"
+      file_value = None if source is None else (value if raw is _MISSING else raw)
+      rows.append({"field": ours, "file": file_value, "ours": None, "from": origin})
+      return
     before = config[group][name]
     if source is not None:
       config[group][name] = value
