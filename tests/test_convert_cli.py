@@ -92,7 +92,7 @@ def test_bad_sources_are_clear_errors(tmp_path, capsys):
 
 def test_fairseq_pretraining_checkpoint_keeps_its_ema_teacher(tmp_path, monkeypatch):
   """A `data2vec_audio` checkpoint with `_ema`: the student and the teacher both land, the
-  regression head is reported as dropped, and the state restores for resumed pretraining."""
+  regression head is kept, and the state restores for resumed pretraining."""
   fixture = fairseq_audio()
   ckpt = {"model": with_ema(fixture, "_ema"), "cfg": {"model": audio_cfg()}}
   monkeypatch.setattr(files, "load_torch_file", lambda path: ckpt)
@@ -102,7 +102,9 @@ def test_fairseq_pretraining_checkpoint_keeps_its_ema_teacher(tmp_path, monkeypa
   report = workdir.import_checkpoint(src, out)
   assert report["mode"] == "pretrain" and report["source_kind"] == "fairseq"
   assert report["teacher"].startswith("the checkpoint's EMA")
-  assert any(line.startswith("final_proj.0.weight") for line in report["dropped"])
+  # The regression head is kept (issue 24): continued pretraining starts from its loss.
+  assert report["kept"] == ["final_proj.0.weight", "final_proj.0.bias"]
+  assert not any(line.startswith("final_proj") for line in report["dropped"])
 
   config = workdir_config.get_config(str(out))
   restored = _restore_state(out, config, 0)

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import workdir as workdir_config
-from d2v_jax import checkpoint, losses, steps, train
+from d2v_jax import checkpoint, losses, steps, teacher, train
 from d2v_jax.convert import workdir
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "fairseq"
@@ -135,3 +136,51 @@ def test_conversion_json_lists_the_head_and_the_recipe(imported):
     assert rows["targets.layer_norm"]["ours"] == "layer"
     assert rows["masking.span_prob"]["from"] == "cfg.task.mask_prob"
   json.dumps(report)  # conversion.json holds it
+
+
+@pytest.fixture(scope="module")
+def imported_v2(tmp_path_factory):
+  out = tmp_path_factory.mktemp("audio_v2") / "run"
+  report = workdir.import_checkpoint(FIXTURES / "audio_v2.pt", out)
+  config = workdir_config.get_config(str(out))
+  model, _, _, make_state = train.build(config)
+  state = checkpoint.Checkpointer(out, config).restore(0, checkpoint.abstract_state(make_state))
+  return config, model, state, dict(np.load(FIXTURES / "audio_v2.npz")), report
+
+
+def test_v2_speech_encoder_equals_fairseqs(imported_v2):
+  config, model, state, reference, _ = imported_v2
+  assert config.version == 2
+  inputs = jnp.asarray(reference["input/source"])
+  variables = {"params": state.params}
+
+  def encode(inputs):
+    tokens, padding = model.apply(
+      variables, inputs, jnp.zeros(inputs.shape, bool), train=False, method=model.embed
+    )
+    return model.apply(variables, tokens, padding, train=False, method=model.encode)
+
+  final, aux = jax.device_get(encode(inputs))
+  np.testing.assert_allclose(final, reference["out/final"], atol=FORWARD_TOL)
+  for i, layer in enumerate(aux["layers"]):
+    np.testing.assert_allclose(layer["ffn"], reference[f"out/ffn/{i}"], atol=FORWARD_TOL)
+
+
+def test_v2_teacher_of_the_blocks_alone_is_imported(imported_v2):
+  """fairseq's default `ema_encoder_only=True`: `_ema` holds the blocks only. They land in the
+  teacher's blocks; the rest of the teacher is the student's and stays so (`copy_params`)."""
+  config, _, state, _, report = imported_v2
+  copied = traverse_util.flatten_dict(
+    teacher.copy_mask(state.teacher, config.ema.copy_params), sep="/"
+  )
+  teacher_leaves = traverse_util.flatten_dict(state.teacher, sep="/")
+  student = traverse_util.flatten_dict(state.params, sep="/")
+  assert any(copied.values()) and not all(copied.values())
+  for path, value in teacher_leaves.items():
+    in_blocks = path.startswith("encoder/blocks/layer_")
+    assert copied[path] == (not in_blocks), path
+    same = np.array_equal(np.asarray(value), np.asarray(student[path]))
+    assert same == (not in_blocks), path  # the blocks are fairseq's EMA, not the student
+  rows = {row["field"]: row for row in report["recipe"]}
+  assert rows["ema.copy_params"]["file"] is True
+  assert rows["masking.num_clones"]["ours"] == config.masking.num_clones == 2

@@ -1,5 +1,5 @@
-"""What a fairseq data2vec 1.0 checkpoint carries besides its encoder (issue 24): its regression
-head, and the pretraining recipe of its own config (spec §1.2-§1.4).
+"""What a fairseq data2vec checkpoint carries besides its encoder (issue 24): its regression
+head (1.0), and the pretraining recipe of its own config (spec §1.2-§1.4, §2.3).
 
 `regression_head`: fairseq's speech `final_proj` and text `encoder.regression_head` (HF has no
 place for them, so `fairseq_v1` names them dropped) as our `final_proj` parameters, so that
@@ -66,16 +66,23 @@ def check_head_shapes(head: dict, ours: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-  """One of our config fields and the fairseq field (in `cfg.model`, or `task.<name>`) it reads."""
+  """One of our config fields and the fairseq field of `cfg.model` it reads (`{mod}`: the
+  modality's part of a 2.0 config, `modalities.<modality>`)."""
 
   ours: str  # dotted path in our config
   source: str  # fairseq's field
   convert: Callable[[Any], Any] = lambda v: v
+  neutral: Any = 0  # where our config lacks the field: the only file value it can stand for
 
 
 def _scale(value):
-  """fairseq's None (speech) or <= 0 (text) = 1/sqrt(D): ours is -1."""
+  """fairseq's None (speech) or <= 0 (text) = 1/sqrt(D): data2vec 1.0's configs say -1."""
   return -1.0 if value is None or value <= 0 else float(value)
+
+
+def _scale_v2(value):
+  """data2vec 2.0's configs keep fairseq's None for 1/sqrt(D)."""
+  return None if value is None or value <= 0 else float(value)
 
 
 _HEALTH = (
@@ -116,6 +123,35 @@ _FIELDS = {
 }
 
 
+_MOD = "modalities.{mod}."
+_FIELDS_V2 = (
+  Field("targets.top_k", "average_top_k_layers", int),
+  Field("loss.beta", "loss_beta", float),
+  Field("loss.scale", "loss_scale", _scale_v2),
+  Field("ema.decay", "ema_decay", float),
+  Field("ema.end_decay", "ema_end_decay", float),
+  Field("ema.anneal_steps", "ema_anneal_end_step", int),
+  Field("masking.num_clones", "clone_batch", int, neutral=1),
+  Field("masking.ratio", _MOD + "mask_prob", float),
+  Field("masking.adjust", _MOD + "mask_prob_adjust", float),
+  Field("masking.inverse", _MOD + "inverse_mask", bool, neutral=False),
+  Field("masking.block", _MOD + "mask_length", int, neutral=1),  # text masks single tokens
+  Field("model.mask_noise_std", _MOD + "mask_noise_std", float),
+  Field("model.dropout", "encoder_dropout", float),
+  Field("model.attention_dropout", "attention_dropout", float),
+  Field("model.activation_dropout", "activation_dropout", float),
+  Field("model.layerdrop", "layerdrop", float),
+  Field("model.decoder.dim", _MOD + "decoder.decoder_dim", int, neutral=None),
+  Field("model.decoder.kernel", _MOD + "decoder.decoder_kernel", int, neutral=None),
+  Field("model.decoder.layers", _MOD + "decoder.decoder_layers", int, neutral=None),
+  Field("model.decoder.groups", _MOD + "decoder.decoder_groups", int, neutral=None),
+  Field("model.decoder.residual", _MOD + "decoder.decoder_residual", bool, neutral=None),
+  Field("model.decoder.projection_layers", _MOD + "decoder.projection_layers", int, neutral=None),
+  Field("model.decoder.input_dropout", _MOD + "decoder.input_dropout", float),
+  *_HEALTH,
+)
+
+
 def _get(tree: Mapping[str, Any], path: str, missing=None):
   node = tree
   for part in path.split("."):
@@ -139,38 +175,44 @@ def _norm_kind(cfg: Mapping[str, Any], flags: dict[str, str], what: str) -> tupl
 _MISSING = object()
 
 
-def apply_recipe(config, modality: str, cfg: Mapping[str, Any] | None, task_cfg=None) -> list:
+def apply_recipe(
+  config, modality: str, cfg: Mapping[str, Any] | None, task_cfg=None, *, version: int = 1
+) -> list:
   """Writes the checkpoint's recipe into `config` (see the module docstring); returns the table
   rows `{"field", "file", "ours", "from"}` for `conversion.json`."""
-  if modality not in _FIELDS:  # BEiT's argparse recipe is not read (see conversion.json)
+  if version == 1 and modality not in _FIELDS:  # BEiT's argparse recipe is not read
     return []
   cfg, rows = dict(cfg or {}), []
 
-  def put(ours: str, value, source: str | None, raw=_MISSING):
+  def put(ours: str, value, source: str | None, raw=_MISSING, neutral=0):
     """Sets `ours` to `value` when the file has the field (`source`), and records the row."""
-    group, name = ours.split(".")
-    if name not in config[group]:  # e.g. text has no layerdrop: only its off value fits
-      if source is not None and value:
+    *groups, name = ours.split(".")
+    group = config
+    for part in groups:
+      group = group[part]
+    file_value = None if source is None else (value if raw is _MISSING else raw)
+    origin = f"cfg.{source}" if source else "not in the file"
+    if name not in group:  # e.g. text has no layerdrop: only its neutral value fits
+      if source is not None and value != neutral and not (neutral == 0 and not value):
         raise common.ConversionError(
-          f"cfg.{source}={value!r}: d2v-jax's {config.modality} model has no {ours}"
+          f"cfg.{source}={file_value!r}: d2v-jax's {config.modality} model has no {ours}"
         )
-      origin = f"cfg.{source}" if source else "not in the file"
-      file_value = None if source is None else (value if raw is _MISSING else raw)
       rows.append({"field": ours, "file": file_value, "ours": None, "from": origin})
       return
-    before = config[group][name]
-    if source is not None:
-      config[group][name] = value
-    origin = f"cfg.{source}" if source else f"not in the file: this project's {before!r}"
-    file_value = None if source is None else (value if raw is _MISSING else raw)
-    rows.append({"field": ours, "file": file_value, "ours": config[group][name], "from": origin})
+    if source is None:
+      origin = f"not in the file: this project's {group[name]!r}"
+    else:
+      group[name] = value
+    rows.append({"field": ours, "file": file_value, "ours": group[name], "from": origin})
 
-  for field in _FIELDS[modality]:
-    value = _get(cfg, field.source, _MISSING)
+  fields = _FIELDS_V2 if version == 2 else _FIELDS[modality]
+  for field in fields:
+    source = field.source.replace("{mod}", modality)
+    value = _get(cfg, source, _MISSING)
     if value is _MISSING or value is None and field.ours != "loss.scale":
       put(field.ours, None, None)
     else:
-      put(field.ours, field.convert(value), f"model.{field.source}", value)
+      put(field.ours, field.convert(value), f"model.{source}", value, field.neutral)
   layer_norm, layer_flags = _norm_kind(
     cfg,
     {
@@ -190,11 +232,25 @@ def apply_recipe(config, modality: str, cfg: Mapping[str, Any] | None, task_cfg=
   )
   flags = {name: cfg[name] for name in final_flags}
   put("targets.final_norm", final, "model." + "/".join(final_flags) if flags else None, flags)
-  if modality == "audio":
+  if version == 2:
+    _v2_teacher(cfg, put)
+  elif modality == "audio":
     _audio_teacher_and_masks(cfg, put)
   else:
     _text_teacher_and_masks(cfg, dict(task_cfg or {}), put)
   return rows
+
+
+# With `ema_encoder_only=True` fairseq's 2.0 teacher is the blocks alone; everything else it
+# reads (the context encoder: positions, its LayerNorm, ALiBi scales; images' patch embedding)
+# is the student's, which our teacher copies instead of averaging.
+BLOCKS_ONLY = (r"^(?!encoder/blocks/layer_)",)
+
+
+def _v2_teacher(cfg, put) -> None:
+  if "ema_encoder_only" in cfg:
+    copied = BLOCKS_ONLY if cfg["ema_encoder_only"] else ()
+    put("ema.copy_params", copied, "model.ema_encoder_only", cfg["ema_encoder_only"])
 
 
 def _audio_teacher_and_masks(cfg, put) -> None:

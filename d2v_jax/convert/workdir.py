@@ -64,7 +64,8 @@ def read_source(src: str | pathlib.Path, *, seed: int = 0) -> tuple[hf.Imported,
   ckpt = files.load_torch_file(src)
   model_dict, cfg, task_cfg, ema = _fairseq_parts(ckpt, src)
   if fairseq_v2.is_v2(model_dict):
-    return fairseq_v2.from_fairseq(model_dict, cfg, seed=seed), "fairseq-v2"
+    imported = fairseq_v2.from_fairseq(model_dict, cfg, seed=seed)
+    return dataclasses.replace(imported, recipe=(cfg, task_cfg)), "fairseq-v2"
   named = fairseq_v1.to_hf(model_dict, cfg)
   teacher_dict = named.teacher
   if ema is not None:  # BEiT keeps its EMA as a whole second model
@@ -225,7 +226,9 @@ def import_checkpoint(src, out_dir, *, seed: int = 0) -> dict:
   config = run_config(imported)
   recipe = []
   if imported.recipe is not None and imported.head_cfg is None:
-    recipe = fairseq_recipe.apply_recipe(config, imported.modality, *imported.recipe)
+    recipe = fairseq_recipe.apply_recipe(
+      config, imported.modality, *imported.recipe, version=imported.version
+    )
   state, teacher_origin = _state(config, imported)
   written = _copy_side_files(src, out_dir, config, imported)
   ckpt = checkpoint.Checkpointer(out_dir, config, keep=config.loop.keep_checkpoints)
