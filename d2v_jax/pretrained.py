@@ -32,6 +32,7 @@ class PretrainedRun:
   step: int
   meta: dict  # {"modality", "version", "model": the model config} written with the checkpoint
   params: dict  # the student's parameters (nested dicts of arrays)
+  teacher: dict | None = None  # the EMA teacher's (pretraining checkpoints), for exports
 
   @property
   def modality(self) -> str:
@@ -106,6 +107,7 @@ def load_pretrained(path: str | pathlib.Path) -> PretrainedRun:
       "or student parameters: was it written by d2v-jax pretraining?"
     )
   params = jax.tree.map(np.asarray, state["params"])
+  teacher = jax.tree.map(np.asarray, state["teacher"]) if state.get("teacher") else None
   logging.info(
     "Pretrained %s model (version %s) from %s, step %d",
     meta["modality"],
@@ -113,7 +115,7 @@ def load_pretrained(path: str | pathlib.Path) -> PretrainedRun:
     directory,
     step,
   )
-  return PretrainedRun(directory / str(step), step, meta, params)
+  return PretrainedRun(directory / str(step), step, meta, params, teacher)
 
 
 def merge_model_config(

@@ -2,6 +2,7 @@
 
     python -m d2v_jax.convert import SRC OUT_DIR   # HF directory or fairseq/BEiT .pt -> work dir
     python -m d2v_jax.convert export WORKDIR OUT_DIR  # our run's newest student -> HF directory
+                                                     # (data2vec 2.0: fairseq's checkpoint.pt)
 
 `import` writes an orbax checkpoint with our config (`d2v_jax.convert.workdir`), ready for
 feature extraction, fine-tuning (`--config.init.pretrained=OUT_DIR`) or resumed pretraining.
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     else:
       config = workdir.export_checkpoint(args.workdir, args.out_dir)
       print(f"Wrote {args.out_dir}: {config['architectures'][0]}")
-      print(json.dumps({k: config[k] for k in ("hidden_size", "num_hidden_layers")}))
+      sizes = ("hidden_size", "num_hidden_layers", "embed_dim", "depth")
+      print(json.dumps({k: config[k] for k in sizes if k in config}))
   except (
     common.ConversionError,
     checkpoint.CheckpointError,

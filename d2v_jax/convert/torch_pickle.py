@@ -22,7 +22,9 @@ import _compat_pickle
 import collections
 import io
 import pickle
+import struct
 import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
@@ -193,3 +195,101 @@ def plain(value: Any) -> Any:
   if len(value.args) == 1:
     return plain(value.args[0])
   return plain(list(value.args)) if value.args else None
+
+
+# ----------------------------------------------------------------------------- writing
+
+_STORAGE_NAMES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items() if k != "BFloat16Storage"}
+
+
+class _Writer:
+  """Emits the protocol-2 pickle `torch.save` writes, for dicts, lists, tuples, strings, numbers,
+  None and numpy arrays (as tensors whose storages go to `data/<key>`), without torch."""
+
+  def __init__(self):
+    self.out = io.BytesIO()
+    self.storages: list[bytes] = []
+
+  def op(self, code: bytes, payload: bytes = b""):
+    self.out.write(code + payload)
+
+  def string(self, text: str):
+    data = text.encode("utf-8")
+    self.op(b"X", len(data).to_bytes(4, "little") + data)  # BINUNICODE
+
+  def value(self, v):
+    if v is None:
+      self.op(b"N")
+    elif isinstance(v, bool | np.bool_):
+      self.op(b"\x88" if v else b"\x89")
+    elif isinstance(v, int | np.integer) and -(2**31) <= int(v) < 2**31:
+      self.op(b"J", int(v).to_bytes(4, "little", signed=True))  # BININT
+    elif isinstance(v, float | np.floating):
+      self.op(b"G", struct.pack(">d", float(v)))  # BINFLOAT, big-endian
+    elif isinstance(v, str):
+      self.string(v)
+    elif isinstance(v, np.ndarray):
+      self.tensor(v)
+    elif isinstance(v, Mapping):
+      self.op(b"}")  # EMPTY_DICT
+      if v:
+        self.op(b"(")  # MARK
+        for key, item in v.items():
+          self.value(key)
+          self.value(item)
+        self.op(b"u")  # SETITEMS
+    elif isinstance(v, list):
+      self.op(b"]")  # EMPTY_LIST
+      if v:
+        self.op(b"(")
+        for item in v:
+          self.value(item)
+        self.op(b"e")  # APPENDS
+    elif isinstance(v, tuple):
+      self.op(b"(")
+      for item in v:
+        self.value(item)
+      self.op(b"t")  # TUPLE
+    else:
+      raise TypeError(f"cannot write {type(v).__name__} into a torch file")
+
+  def tensor(self, array: np.ndarray):
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+      array = array.copy(order="C")
+    if array.dtype not in _STORAGE_NAMES:
+      raise TypeError(f"cannot write a {array.dtype} array into a torch file")
+    key = str(len(self.storages))
+    self.storages.append(array.tobytes())
+    self.op(b"ctorch._utils\n_rebuild_tensor_v2\n")  # GLOBAL
+    self.op(b"(")  # the arguments: storage, offset, size, stride, requires_grad, hooks
+    self.op(b"(")  # the storage's persistent id
+    self.string("storage")
+    self.op(f"ctorch\n{_STORAGE_NAMES[array.dtype]}\n".encode())
+    self.string(key)
+    self.string("cpu")
+    self.value(int(array.size))
+    self.op(b"t")
+    self.op(b"Q")  # BINPERSID
+    self.value(0)
+    self.value(tuple(int(n) for n in array.shape))
+    strides = tuple(s // array.itemsize for s in array.strides) if array.ndim else ()
+    self.value(strides)
+    self.value(False)
+    self.op(b"ccollections\nOrderedDict\n)R")  # OrderedDict() for the backward hooks
+    self.op(b"t")
+    self.op(b"R")  # REDUCE
+
+
+def save(obj: Any, path) -> None:
+  """Writes `obj` (plain containers and numpy arrays) in `torch.save`'s zip format, which
+  `torch.load(path, weights_only=True)` reads; bfloat16 is not written (widen it first)."""
+  writer = _Writer()
+  writer.op(b"\x80\x02")  # PROTO 2
+  writer.value(obj)
+  writer.op(b".")  # STOP
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+    archive.writestr("archive/data.pkl", writer.out.getvalue())
+    archive.writestr("archive/byteorder", "little")
+    for key, data in enumerate(writer.storages):
+      archive.writestr(f"archive/data/{key}", data)
+    archive.writestr("archive/version", "3\n")

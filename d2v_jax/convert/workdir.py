@@ -31,10 +31,20 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from safetensors import numpy as safetensors_numpy
 
 from d2v_jax import checkpoint, ctc, optim, pretrained, teacher
 from d2v_jax import state as state_lib
-from d2v_jax.convert import common, fairseq_recipe, fairseq_v1, fairseq_v2, files, hf
+from d2v_jax.convert import (
+  common,
+  fairseq_export,
+  fairseq_recipe,
+  fairseq_v1,
+  fairseq_v2,
+  files,
+  hf,
+  torch_pickle,
+)
 from d2v_jax.data import tokenizer as tokenizer_lib
 from d2v_jax.models import data2vec
 
@@ -257,8 +267,11 @@ def import_checkpoint(src, out_dir, *, seed: int = 0) -> dict:
 
 
 def export_checkpoint(workdir, out_dir) -> dict:
-  """Writes the newest student of `workdir` as an HF model directory; returns its HF config."""
+  """Writes the newest student of `workdir` as an HF model directory (data2vec 1.0), or in
+  fairseq's layout (2.0: HF has no class for it); returns the written config."""
   run = pretrained.load_pretrained(workdir)
+  if run.meta["version"] == 2:
+    return _export_fairseq_v2(run, pathlib.Path(out_dir).expanduser())
   meta = run.meta
   head = meta.get("head")
   head_cfg = ml_collections.ConfigDict(head) if head else None
@@ -268,6 +281,30 @@ def export_checkpoint(workdir, out_dir) -> dict:
   files.save_hf_dir(out_dir, state_dict, hf_config)
   _export_side_files(out_dir, run)
   return hf_config
+
+
+FAIRSEQ_CHECKPOINT = "checkpoint.pt"
+
+
+def _export_fairseq_v2(run, out_dir: pathlib.Path) -> dict:
+  """`checkpoint.pt` (fairseq's `Data2VecMultiModel` layout, teacher as `_ema`), the same
+  tensors as `model.safetensors` (the teacher's under `_ema.`) and `config.json` (the cfg)."""
+  config_file = run.directory.parents[1] / "config.json"
+  if not config_file.exists():
+    raise common.ConversionError(f"{config_file} is missing: the run's recipe goes into the cfg")
+  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  if run.meta.get("head"):
+    raise common.ConversionError(
+      "exporting a fine-tuned data2vec 2.0 model to fairseq's layout is not supported"
+    )
+  ckpt = fairseq_export.checkpoint_dict(config, run.params, run.teacher)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  torch_pickle.save(ckpt, out_dir / FAIRSEQ_CHECKPOINT)
+  flat = {k: v for k, v in ckpt["model"].items() if k != "_ema"}
+  flat |= {f"_ema.{k}": v for k, v in ckpt["model"].get("_ema", {}).items()}
+  safetensors_numpy.save_file(flat, out_dir / files.HF_WEIGHTS, metadata={"format": "fairseq"})
+  (out_dir / "config.json").write_text(json.dumps(ckpt["cfg"], indent=2) + "\n")
+  return {"architectures": ["fairseq Data2VecMultiModel"], **ckpt["cfg"]["model"]}
 
 
 def _export_side_files(out_dir: pathlib.Path, run) -> None:

@@ -1,0 +1,124 @@
+"""Our data2vec 2.0 runs in fairseq's layout (issue 24): HF has no 2.0 class, so a 2.0 run
+exports to the `.pt` that fairseq's `Data2VecMultiModel` loads, and to safetensors.
+
+`checkpoint_dict` is the inverse of `fairseq_v2.from_fairseq`: the student under fairseq's names
+(`fairseq_v2.key_table` read backwards), the EMA teacher as `_ema` (the blocks alone, named
+`<i>.*`, when the run's teacher copies everything else: fairseq's `ema_encoder_only=True`), and
+`cfg` as plain types: the `data2vec_multi` model config that rebuilds these shapes (spec §2.1,
+§2.3) with the run's recipe. `torch_pickle.save` writes it without torch.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from d2v_jax.convert import common, fairseq_recipe, fairseq_v2
+from d2v_jax.models import data2vec
+
+FAIRSEQ_MODALITY = {"audio": "AUDIO", "image": "IMAGE", "text": "TEXT"}
+
+
+def _teacher_dict(table: common.KeyTable, teacher: Mapping[str, Any], copy_params) -> dict:
+  """fairseq's `_ema` from our teacher: every table entry the teacher EMAs."""
+  flat = traverse_util.flatten_dict(dict(teacher))
+  blocks_only = tuple(copy_params) == fairseq_recipe.BLOCKS_ONLY
+  ema = {}
+  for name, entry in table.items():
+    if entry.path not in flat:
+      continue
+    if blocks_only:  # the block list alone: `blocks.<i>.x` is `<i>.x`
+      if not name.startswith("blocks."):
+        continue
+      name = name[len("blocks.") :]
+    ema[name] = np.ascontiguousarray(entry.to_hf(np.asarray(flat[entry.path], np.float32)))
+  return ema
+
+
+def _norm_flags(kind: str, instance: str, layer: str) -> dict:
+  return {instance: kind == "instance", layer: kind == "layer"}
+
+
+def model_cfg(config) -> dict:
+  """The `data2vec_multi` model config of a 2.0 run (plain types)."""
+  modality, m = config.modality, config.model
+  sizes = data2vec.model_sizes(modality, m)
+  dim, prenet = sizes["dim"], m.get("prenet_depth", 0)
+  d = m.decoder
+  modality_cfg = {
+    "type": FAIRSEQ_MODALITY[modality],
+    "prenet_depth": prenet,
+    "mask_prob": config.masking.ratio,
+    "mask_prob_adjust": config.masking.get("adjust", 0.0),
+    "mask_length": config.masking.get("block", 1),
+    "inverse_mask": config.masking.get("inverse", False),
+    "mask_noise_std": m.mask_noise_std,
+    "num_alibi_heads": sizes["num_heads"],
+    "model_depth": sizes["num_layers"] - prenet,
+    "decoder": {
+      "decoder_dim": d.dim,
+      "decoder_groups": d.groups,
+      "decoder_kernel": d.kernel,
+      "decoder_layers": d.layers,
+      "input_dropout": d.input_dropout,
+      "decoder_residual": d.residual,
+      "projection_layers": d.projection_layers,
+      "projection_ratio": 2.0,
+    },
+  }
+  if modality == "audio":
+    c = sizes["conv_dim"]
+    modality_cfg.update(
+      feature_encoder_spec=f"[({c}, 10, 5)] + [({c}, 3, 2)] * 4 + [({c}, 2, 2)] * 2",
+      # fairseq's kernel per layer is max(3, width // depth): width = kernel × depth inverts it.
+      conv_pos_width=sizes["pos_conv_kernel"] * sizes["pos_conv_depth"],
+      conv_pos_groups=sizes["pos_conv_groups"],
+      conv_pos_depth=sizes["pos_conv_depth"],
+      use_alibi_encoder=True,  # our speech encoder's learned per-head ALiBi scales
+      learned_alibi_scale=True,
+      learned_alibi_scale_per_head=True,
+    )
+  elif modality == "image":
+    modality_cfg.update(
+      input_size=sizes["image_size"], patch_size=sizes["patch_size"], in_chans=3, num_extra_tokens=1
+    )
+  t = config.targets
+  return {
+    "_name": "data2vec_multi",
+    "depth": sizes["num_layers"] - prenet,
+    "embed_dim": dim,
+    "num_heads": sizes["num_heads"],
+    "mlp_ratio": sizes["mlp_dim"] / dim,
+    "norm_eps": m.norm_eps,
+    "layer_norm_first": False,
+    "encoder_dropout": m.dropout,
+    "attention_dropout": m.attention_dropout,
+    "activation_dropout": m.activation_dropout,
+    "post_mlp_drop": m.dropout,
+    "layerdrop": m.get("layerdrop", 0.0),
+    "average_top_k_layers": t.top_k,
+    **_norm_flags(t.layer_norm, "instance_norm_target_layer", "layer_norm_target_layer"),
+    **_norm_flags(t.final_norm, "instance_norm_targets", "layer_norm_targets"),
+    "loss_beta": float(config.loss.get("beta", 0.0)),
+    "loss_scale": config.loss.scale,
+    "clone_batch": config.masking.num_clones,
+    "ema_decay": config.ema.decay,
+    "ema_end_decay": config.ema.end_decay,
+    "ema_anneal_end_step": config.ema.anneal_steps,
+    "ema_encoder_only": tuple(config.ema.copy_params) == fairseq_recipe.BLOCKS_ONLY,
+    "supported_modality": FAIRSEQ_MODALITY[modality],
+    "modalities": {modality: modality_cfg},
+  }
+
+
+def checkpoint_dict(config, params, teacher=None) -> dict:
+  """`{"model": state dict (+ `_ema`), "cfg": {"model": ...}}` of a 2.0 pretraining run."""
+  if config.version != 2:
+    raise common.ConversionError("fairseq's Data2VecMultiModel layout is data2vec 2.0's")
+  sizes = {**data2vec.model_sizes(config.modality, config.model), **config.model.to_dict()}
+  table = fairseq_v2.key_table(config.modality, sizes, FAIRSEQ_MODALITY[config.modality])
+  state = common.export_state_dict(params, table, model_name="fairseq Data2VecMultiModel")
+  if teacher is not None:
+    state["_ema"] = _teacher_dict(table, teacher, config.ema.copy_params)
+  return {"model": state, "cfg": {"model": model_cfg(config)}}
