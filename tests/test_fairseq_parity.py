@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from safetensors import numpy as safetensors_numpy
 
 from configs import workdir as workdir_config
 from d2v_jax import checkpoint, losses, steps, teacher, train
-from d2v_jax.convert import workdir
+from d2v_jax.convert import files, workdir
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "fairseq"
 FORWARD_TOL = 1e-4
@@ -184,3 +185,31 @@ def test_v2_teacher_of_the_blocks_alone_is_imported(imported_v2):
   rows = {row["field"]: row for row in report["recipe"]}
   assert rows["ema.copy_params"]["file"] is True
   assert rows["masking.num_clones"]["ours"] == config.masking.num_clones == 2
+
+
+def test_v2_export_returns_fairseqs_own_file(imported_v2, tmp_path):
+  """`convert export` of the imported 2.0 run gives back fairseq's state dict, every key and
+  tensor, the teacher's `_ema` included; its cfg rebuilds the same model (fairseq's own
+  Data2VecMultiModel loads the file with strict=True: make_fairseq_fixtures.py --check-export)."""
+  config = imported_v2[0]
+  run_dir = tmp_path / "run"
+  workdir.import_checkpoint(FIXTURES / "audio_v2.pt", run_dir)
+  written = workdir.export_checkpoint(run_dir, tmp_path / "export")
+  ours = files.load_torch_file(tmp_path / "export" / workdir.FAIRSEQ_CHECKPOINT)
+  theirs = files.load_torch_file(FIXTURES / "audio_v2.pt")
+  flat_ours = traverse_util.flatten_dict(ours["model"], sep="/")
+  flat_theirs = traverse_util.flatten_dict(theirs["model"], sep="/")
+  assert sorted(flat_ours) == sorted(flat_theirs)
+  for key, value in flat_theirs.items():
+    np.testing.assert_array_equal(flat_ours[key], value, err_msg=key)
+  model_cfg, file_cfg = ours["cfg"]["model"], theirs["cfg"]["model"]
+  for field in ("depth", "embed_dim", "num_heads", "mlp_ratio", "ema_encoder_only", "clone_batch"):
+    assert model_cfg[field] == file_cfg[field], field
+  audio, file_audio = model_cfg["modalities"]["audio"], file_cfg["modalities"]["audio"]
+  for field in ("conv_pos_depth", "conv_pos_groups", "conv_pos_width", "prenet_depth"):
+    assert audio[field] == file_audio[field], field
+  for field in ("decoder_dim", "decoder_kernel", "decoder_layers", "decoder_groups"):
+    assert audio["decoder"][field] == file_audio["decoder"][field], field
+  assert written["supported_modality"] == "AUDIO" and config.version == 2
+  tensors = safetensors_numpy.load_file(tmp_path / "export" / "model.safetensors")
+  assert sorted(tensors) == sorted(k.replace("/", ".", 1) for k in flat_theirs)

@@ -89,3 +89,32 @@ def test_files_that_are_no_torch_archive_are_one_error(tmp_path):
   legacy.write_bytes(pickle.dumps({"model": {}}, protocol=2))  # not a zip: torch < 1.6's format
   with pytest.raises(common.ConversionError, match=r"old.pt is not a torch zip archive"):
     files.load_torch_file(legacy)
+
+
+def test_save_writes_what_load_reads(tmp_path):
+  """The writer (exports; torch 2.13 reads its files with weights_only=True, checked by
+  make_fairseq_fixtures.py --check-export) keeps dtypes, shapes, strides and plain values."""
+  transposed = np.arange(6, dtype=np.float32).reshape(2, 3).T
+  obj = {
+    "model": {
+      "w": transposed,
+      "scalar": np.array(2.5, np.float32),
+      "half": np.ones(3, np.float16),
+      "ids": np.arange(4, dtype=np.int64),
+      "flags": np.array([True, False]),
+      "_ema": {"0.w": np.zeros((2, 2), np.float32)},
+    },
+    "cfg": {"model": {"depth": 3, "mlp_ratio": 2.0, "name": "x", "none": None, "on": True}},
+    "list": [1, 1e-300, "a", (1, 2)],
+  }
+  torch_pickle.save(obj, tmp_path / "out.pt")
+  back = torch_pickle.load(tmp_path / "out.pt")
+  assert back["cfg"] == obj["cfg"] and back["list"] == obj["list"]
+  for key, value in obj["model"].items():
+    if key == "_ema":
+      np.testing.assert_array_equal(back["model"][key]["0.w"], value["0.w"])
+      continue
+    assert back["model"][key].dtype == value.dtype and back["model"][key].shape == value.shape
+    np.testing.assert_array_equal(back["model"][key], value)
+  with pytest.raises(TypeError, match="cannot write"):
+    torch_pickle.save({"x": object()}, tmp_path / "bad.pt")
