@@ -14,6 +14,7 @@ import pytest
 import soundfile
 
 from configs import audio as audio_config
+from d2v_jax import evaluate
 from d2v_jax.data import (
   audio,
   load_embedded_speech_index,
@@ -469,3 +470,22 @@ def test_a_manifest_that_is_not_utf8_names_its_path(tmp_path):
   manifest.write_bytes(b"/data\n\xff\xfe.wav\t100\n")
   with pytest.raises(ValueError, match=f"{manifest} is not UTF-8 text"):
     sources.manifest_source(manifest, RATE)
+
+
+def test_probe_sets_skip_undecodable_clips_and_count_them(monkeypatch, caplog):
+  """Issue 23: a probe-set clip with NaN samples is skipped with its path and counted."""
+  clips = sources.load_embedded_speech_index(split="test", kind="word")
+  bad = str(clips[3].path)
+  real = sources.read_audio
+
+  def read(path, rate):
+    if str(path) == bad:
+      raise sources.NonFiniteAudioError(f"{path}: 1 of 100 samples are NaN or infinite")
+    return real(path, rate)
+
+  monkeypatch.setattr(sources, "read_audio", read)
+  with caplog.at_level(logging.WARNING):
+    data = evaluate.load_word_clips("test")
+  assert len(data.labels) == len(clips) - 1
+  assert bad in caplog.text and f"skipped 1 of {len(clips)} clips" in caplog.text
+  assert np.isfinite(data.inputs).all()
