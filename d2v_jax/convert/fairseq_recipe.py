@@ -90,14 +90,23 @@ _HEALTH = (
   Field("loop.min_target_std", "min_target_var", float),
   Field("loop.min_pred_std", "min_pred_var", float),
 )
-_FIELDS = {
-  "audio": (
+
+
+def _targets_loss_ema(scale: Callable[[Any], Any]) -> tuple[Field, ...]:
+  """The fields every data2vec config of fairseq names alike (1.0 and 2.0, any modality)."""
+  return (
     Field("targets.top_k", "average_top_k_layers", int),
     Field("loss.beta", "loss_beta", float),
-    Field("loss.scale", "loss_scale", _scale),
+    Field("loss.scale", "loss_scale", scale),
     Field("ema.decay", "ema_decay", float),
     Field("ema.end_decay", "ema_end_decay", float),
     Field("ema.anneal_steps", "ema_anneal_end_step", int),
+  )
+
+
+_FIELDS = {
+  "audio": (
+    *_targets_loss_ema(_scale),
     Field("masking.prob", "mask_prob", float),
     Field("masking.length", "mask_length", int),
     Field("model.dropout", "dropout", float),
@@ -108,12 +117,7 @@ _FIELDS = {
     *_HEALTH,
   ),
   "text": (
-    Field("targets.top_k", "average_top_k_layers", int),
-    Field("loss.beta", "loss_beta", float),
-    Field("loss.scale", "loss_scale", _scale),
-    Field("ema.decay", "ema_decay", float),
-    Field("ema.end_decay", "ema_end_decay", float),
-    Field("ema.anneal_steps", "ema_anneal_end_step", int),
+    *_targets_loss_ema(_scale),
     Field("model.dropout", "transformer.dropout", float),
     Field("model.attention_dropout", "transformer.attention_dropout", float),
     Field("model.activation_dropout", "transformer.activation_dropout", float),
@@ -121,16 +125,9 @@ _FIELDS = {
     *_HEALTH,
   ),
 }
-
-
 _MOD = "modalities.{mod}."
 _FIELDS_V2 = (
-  Field("targets.top_k", "average_top_k_layers", int),
-  Field("loss.beta", "loss_beta", float),
-  Field("loss.scale", "loss_scale", _scale_v2),
-  Field("ema.decay", "ema_decay", float),
-  Field("ema.end_decay", "ema_end_decay", float),
-  Field("ema.anneal_steps", "ema_anneal_end_step", int),
+  *_targets_loss_ema(_scale_v2),
   Field("masking.num_clones", "clone_batch", int, neutral=1),
   Field("masking.ratio", _MOD + "mask_prob", float),
   Field("masking.adjust", _MOD + "mask_prob_adjust", float),
