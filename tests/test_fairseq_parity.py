@@ -139,77 +139,93 @@ def test_conversion_json_lists_the_head_and_the_recipe(imported):
   json.dumps(report)  # conversion.json holds it
 
 
-@pytest.fixture(scope="module")
-def imported_v2(tmp_path_factory):
-  out = tmp_path_factory.mktemp("audio_v2") / "run"
-  report = workdir.import_checkpoint(FIXTURES / "audio_v2.pt", out)
+@pytest.fixture(scope="module", params=["audio_v2", "image_v2", "text_v2"])
+def imported_v2(request, tmp_path_factory):
+  out = tmp_path_factory.mktemp(request.param) / "run"
+  report = workdir.import_checkpoint(FIXTURES / f"{request.param}.pt", out)
   config = workdir_config.get_config(str(out))
   model, _, _, make_state = train.build(config)
   state = checkpoint.Checkpointer(out, config).restore(0, checkpoint.abstract_state(make_state))
-  return config, model, state, dict(np.load(FIXTURES / "audio_v2.npz")), report
+  reference = dict(np.load(FIXTURES / f"{request.param}.npz"))
+  return config, model, state, reference, report, request.param
 
 
-def test_v2_speech_encoder_equals_fairseqs(imported_v2):
-  config, model, state, reference, _ = imported_v2
+def test_v2_encoder_equals_fairseqs(imported_v2):
+  """The student's context encoder on the unmasked input: the final output (images: without
+  the CLS token) and every main block's FFN output (the targets' source) at valid positions."""
+  config, model, state, reference, _, _ = imported_v2
   assert config.version == 2
-  inputs = jnp.asarray(reference["input/source"])
+  inputs = reference["input/source"]
+  if config.modality == "image":
+    inputs, padding = inputs.transpose(0, 2, 3, 1), None  # fairseq's NCHW -> our NHWC
+  elif config.modality == "text":
+    padding = reference["input/padding_mask"]
+  else:
+    padding = np.zeros(inputs.shape, bool)
   variables = {"params": state.params}
 
-  def encode(inputs):
-    tokens, padding = model.apply(
-      variables, inputs, jnp.zeros(inputs.shape, bool), train=False, method=model.embed
-    )
-    return model.apply(variables, tokens, padding, train=False, method=model.encode)
+  def encode(inputs, padding):
+    tokens, token_padding = model.apply(variables, inputs, padding, train=False, method=model.embed)
+    final, aux = model.apply(variables, tokens, token_padding, train=False, method=model.encode)
+    return final, aux, token_padding
 
-  final, aux = jax.device_get(encode(inputs))
-  np.testing.assert_allclose(final, reference["out/final"], atol=FORWARD_TOL)
-  for i, layer in enumerate(aux["layers"]):
-    np.testing.assert_allclose(layer["ffn"], reference[f"out/ffn/{i}"], atol=FORWARD_TOL)
+  final, aux, token_padding = jax.device_get(encode(jnp.asarray(inputs), padding))
+  valid = np.ones(final.shape[:2], bool) if token_padding is None else ~token_padding
+  np.testing.assert_allclose(final[valid], reference["out/final"][valid], atol=FORWARD_TOL)
+  main = [k for k in reference if k.startswith("out/ffn/")]
+  layers = aux["layers"][len(aux["layers"]) - len(main) :]  # fairseq's: the main blocks only
+  for i, layer in enumerate(layers):
+    want = reference[f"out/ffn/{i}"]
+    want = want[:, want.shape[1] - valid.shape[1] :]  # images: fairseq's rows lead with CLS
+    np.testing.assert_allclose(layer["ffn"][valid], want[valid], atol=FORWARD_TOL, err_msg=str(i))
 
 
-def test_v2_teacher_of_the_blocks_alone_is_imported(imported_v2):
-  """fairseq's default `ema_encoder_only=True`: `_ema` holds the blocks only. They land in the
-  teacher's blocks; the rest of the teacher is the student's and stays so (`copy_params`)."""
-  config, _, state, _, report = imported_v2
+def test_v2_teacher_is_imported_as_fairseq_stored_it(imported_v2):
+  """With `ema_encoder_only=True` (fairseq's default; speech and text here) `_ema` holds the
+  blocks only: they land in the teacher's blocks, and the rest of the teacher is the student's
+  and stays so (`copy_params`). Otherwise (images) the whole teacher is fairseq's EMA."""
+  config, _, state, _, report, _ = imported_v2
   copied = traverse_util.flatten_dict(
     teacher.copy_mask(state.teacher, config.ema.copy_params), sep="/"
   )
-  teacher_leaves = traverse_util.flatten_dict(state.teacher, sep="/")
   student = traverse_util.flatten_dict(state.params, sep="/")
-  assert any(copied.values()) and not all(copied.values())
-  for path, value in teacher_leaves.items():
-    in_blocks = path.startswith("encoder/blocks/layer_")
-    assert copied[path] == (not in_blocks), path
+  blocks_only = report["recipe"] and {r["field"]: r for r in report["recipe"]}["ema.copy_params"]
+  assert blocks_only["file"] is (config.modality != "image")
+  for path, value in traverse_util.flatten_dict(state.teacher, sep="/").items():
+    from_ema = path.startswith("encoder/blocks/layer_") or not blocks_only["file"]
+    assert copied[path] == (not from_ema), path
     same = np.array_equal(np.asarray(value), np.asarray(student[path]))
-    assert same == (not in_blocks), path  # the blocks are fairseq's EMA, not the student
+    assert same == (not from_ema), path  # fairseq's EMA (re-drawn), not the student
   rows = {row["field"]: row for row in report["recipe"]}
-  assert rows["ema.copy_params"]["file"] is True
-  assert rows["masking.num_clones"]["ours"] == config.masking.num_clones == 2
+  assert rows["masking.num_clones"]["ours"] == config.masking.num_clones
 
 
 def test_v2_export_returns_fairseqs_own_file(imported_v2, tmp_path):
   """`convert export` of the imported 2.0 run gives back fairseq's state dict, every key and
   tensor, the teacher's `_ema` included; its cfg rebuilds the same model (fairseq's own
   Data2VecMultiModel loads the file with strict=True: make_fairseq_fixtures.py --check-export)."""
-  config = imported_v2[0]
+  config, name = imported_v2[0], imported_v2[-1]
   run_dir = tmp_path / "run"
-  workdir.import_checkpoint(FIXTURES / "audio_v2.pt", run_dir)
+  workdir.import_checkpoint(FIXTURES / f"{name}.pt", run_dir)
   written = workdir.export_checkpoint(run_dir, tmp_path / "export")
   ours = files.load_torch_file(tmp_path / "export" / workdir.FAIRSEQ_CHECKPOINT)
-  theirs = files.load_torch_file(FIXTURES / "audio_v2.pt")
+  theirs = files.load_torch_file(FIXTURES / f"{name}.pt")
   flat_ours = traverse_util.flatten_dict(ours["model"], sep="/")
   flat_theirs = traverse_util.flatten_dict(theirs["model"], sep="/")
   assert sorted(flat_ours) == sorted(flat_theirs)
   for key, value in flat_theirs.items():
-    np.testing.assert_array_equal(flat_ours[key], value, err_msg=key)
+    np.testing.assert_allclose(flat_ours[key], value, atol=1e-6, err_msg=key)
   model_cfg, file_cfg = ours["cfg"]["model"], theirs["cfg"]["model"]
   for field in ("depth", "embed_dim", "num_heads", "mlp_ratio", "ema_encoder_only", "clone_batch"):
     assert model_cfg[field] == file_cfg[field], field
-  audio, file_audio = model_cfg["modalities"]["audio"], file_cfg["modalities"]["audio"]
-  for field in ("conv_pos_depth", "conv_pos_groups", "conv_pos_width", "prenet_depth"):
-    assert audio[field] == file_audio[field], field
+  mod, file_mod = model_cfg["modalities"][config.modality], file_cfg["modalities"][config.modality]
+  for field in ("prenet_depth", "mask_prob", "mask_length", "inverse_mask"):
+    assert mod[field] == file_mod[field], field
   for field in ("decoder_dim", "decoder_kernel", "decoder_layers", "decoder_groups"):
-    assert audio["decoder"][field] == file_audio["decoder"][field], field
-  assert written["supported_modality"] == "AUDIO" and config.version == 2
+    assert mod["decoder"][field] == file_mod["decoder"][field], field
+  if config.modality == "audio":
+    for field in ("conv_pos_depth", "conv_pos_groups", "conv_pos_width"):
+      assert mod[field] == file_mod[field], field
+  assert written["supported_modality"] == config.modality.upper()
   tensors = safetensors_numpy.load_file(tmp_path / "export" / "model.safetensors")
   assert sorted(tensors) == sorted(k.replace("/", ".", 1) for k in flat_theirs)

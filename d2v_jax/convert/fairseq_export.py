@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from d2v_jax.convert import common, fairseq_recipe, fairseq_v2
-from d2v_jax.models import data2vec
+from d2v_jax.models import data2vec, image
 
 FAIRSEQ_MODALITY = {"audio": "AUDIO", "image": "IMAGE", "text": "TEXT"}
 
@@ -81,8 +81,15 @@ def model_cfg(config) -> dict:
     )
   elif modality == "image":
     modality_cfg.update(
-      input_size=sizes["image_size"], patch_size=sizes["patch_size"], in_chans=3, num_extra_tokens=1
+      input_size=sizes["image_size"],
+      patch_size=sizes["patch_size"],
+      in_chans=3,
+      embed_dim=dim,  # the patch embedding's width (another one adds a projection)
+      num_extra_tokens=1,
+      ema_local_encoder="frontend" in config.ema.teacher_params,
     )
+  else:
+    modality_cfg.update(max_source_positions=sizes["max_positions"], dropout=m.dropout)
   t = config.targets
   return {
     "_name": "data2vec_multi",
@@ -121,4 +128,11 @@ def checkpoint_dict(config, params, teacher=None) -> dict:
   state = common.export_state_dict(params, table, model_name="fairseq Data2VecMultiModel")
   if teacher is not None:
     state["_ema"] = _teacher_dict(table, teacher, config.ema.copy_params)
+  if config.modality == "image":  # fairseq stores the fixed sin-cos table our model computes
+    grid = sizes["image_size"] // sizes["patch_size"]
+    positions = image.sincos_2d(sizes["dim"], grid)[None]  # [1, N, D]
+    name = f"modality_encoders.IMAGE.{fairseq_v2.POSITIONS}"
+    state[name] = positions
+    if teacher is not None and "frontend" in teacher:  # the teacher holds the local encoder
+      state["_ema"][name] = positions
   return {"model": state, "cfg": {"model": model_cfg(config)}}

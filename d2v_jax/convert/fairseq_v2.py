@@ -67,7 +67,7 @@ _DECODER_RESIDUAL = {"audio": True, "image": True, "text": False}
 _DECODER_INPUT_DROPOUT = {"audio": 0.1, "image": 0.0, "text": 0.1}
 _TEXT_PAD_ID = 1  # fairseq's dictionary: <s>=0, <pad>=1
 _SPEECH_CNN_KERNELS = (10, 3, 3, 3, 3, 2, 2)  # our AudioFrontend's fixed CNN (spec §1.1)
-_POSITIONS = "fixed_positional_encoder.positions"
+POSITIONS = "fixed_positional_encoder.positions"
 
 
 def is_v2(state_dict: Mapping[str, Any]) -> bool:
@@ -178,11 +178,11 @@ def _image_sizes(keys: _Keys, cfg: dict) -> dict:
   dim, channels, patch, _ = keys.shape(f"{keys.mod}local_encoder.proj.weight")
   if channels != 3:
     raise common.ConversionError(f"the patch embedding reads {channels} channels; ours reads 3")
-  if keys.mod + _POSITIONS not in keys.arrays:
+  if keys.mod + POSITIONS not in keys.arrays:
     raise common.ConversionError(
       "the image encoder has no fixed sin-cos positions (`fixed_positions: false`); ours needs them"
     )
-  side = math.isqrt(keys.shape(keys.mod + _POSITIONS)[1])
+  side = math.isqrt(keys.shape(keys.mod + POSITIONS)[1])
   return dict(image_size=side * patch, patch_size=patch)
 
 
@@ -402,7 +402,7 @@ def _positions_problem(value, sizes: dict) -> list[str]:
   ours = image.sincos_2d(sizes["dim"], sizes["image_size"] // sizes["patch_size"])
   diff = float(np.max(np.abs(np.asarray(value, np.float32).reshape(ours.shape) - ours)))
   if diff > 1e-4:
-    return [f"{_POSITIONS} differs from our 2-D sin-cos table by {diff:.3g}"]
+    return [f"{POSITIONS} differs from our 2-D sin-cos table by {diff:.3g}"]
   return []
 
 
@@ -420,7 +420,7 @@ def _teacher_leaves(modality: str, ema: Mapping[str, Any], table: common.KeyTabl
   # `ema_encoder_only=True` (fairseq's default; text's released recipe): the teacher is the
   # block list alone, keys `<i>.*`; the rest of the teacher is the student's (`copy_params`).
   ema = {("blocks." + k if k[:1].isdigit() else k): v for k, v in ema.items()}
-  problems = _positions_problem(ema[m + _POSITIONS], sizes) if m + _POSITIONS in ema else []
+  problems = _positions_problem(ema[m + POSITIONS], sizes) if m + POSITIONS in ema else []
   if problems:
     raise common.ConversionError("EMA teacher: " + problems[0])
   # The teacher holds only what its modality EMAs (spec §2.3); our teacher copies the rest.
@@ -428,7 +428,7 @@ def _teacher_leaves(modality: str, ema: Mapping[str, Any], table: common.KeyTabl
     ema,
     table.shapes(),
     what="data2vec 2.0 EMA teacher (`_ema`)",
-    unchecked=(m + _POSITIONS,),  # checked above; our model computes them
+    unchecked=(m + POSITIONS,),  # checked above; our model computes them
     missing_ok=True,
   )
   return common.convert(given, table)
@@ -463,7 +463,7 @@ def from_fairseq(
   head_cfg, head_keys = _head(task, modality, model_dict, fairseq_cfg, model_cfg.dim)
   table = key_table(modality, model_cfg, mod_name)
   full = common.KeyTable({prefix + k: e for k, e in table.items()} | head_keys)
-  positions = prefix + keys.mod + _POSITIONS
+  positions = prefix + keys.mod + POSITIONS
   given = common.check_state_dict(
     arrays, full.shapes(), what=f"data2vec 2.0 {modality} checkpoint", unchecked=(positions,)
   )
