@@ -19,8 +19,9 @@ from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
 from configs import workdir as workdir_config
-from d2v_jax import checkpoint, losses, steps, teacher, train
+from d2v_jax import checkpoint, finetune_steps, losses, pretrained, steps, teacher, train
 from d2v_jax.convert import files, workdir
+from d2v_jax.models import finetune as finetune_models
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "fairseq"
 FORWARD_TOL = 1e-4
@@ -229,3 +230,28 @@ def test_v2_export_returns_fairseqs_own_file(imported_v2, tmp_path):
   assert written["supported_modality"] == config.modality.upper()
   tensors = safetensors_numpy.load_file(tmp_path / "export" / "model.safetensors")
   assert sorted(tensors) == sorted(k.replace("/", ".", 1) for k in flat_theirs)
+
+
+def test_fine_tuned_ctc_logits_equal_fairseqs(tmp_path):
+  """fairseq's own `Wav2VecCtc` over a data2vec encoder (the released `*_960h.pt` layout):
+  imported as our CTC fine-tuning model, its logits equal fairseq's at valid frames."""
+  report = workdir.import_checkpoint(FIXTURES / "ctc_v1.pt", tmp_path / "run")
+  assert report["mode"] == "finetune" and report["head"]["task"] == "ctc"
+  config = workdir_config.get_config(str(tmp_path / "run"))
+  run = pretrained.load_pretrained(tmp_path / "run")
+  model = finetune_models.build_finetune_model("audio", config.model, config.head)
+  reference = dict(np.load(FIXTURES / "ctc_v1.npz"))
+  batch = {
+    "audio": jnp.asarray(reference["input/source"]),
+    "padding_mask": jnp.asarray(reference["input/padding_mask"]),
+  }
+  logits, frame_padding = jax.device_get(
+    jax.jit(finetune_steps.make_predict(model, "audio"))(run.params, batch)
+  )
+  np.testing.assert_array_equal(frame_padding, reference["out/frame_padding"])
+  np.testing.assert_allclose(logits[0], reference["out/logits"][0], atol=FORWARD_TOL)
+  # The padded row against fairseq on its valid samples alone (see the generator: fairseq's
+  # positional conv lets padding leak into valid frames, ours does not).
+  alone = reference["out/logits_row1_alone"]
+  np.testing.assert_allclose(logits[1, : len(alone)], alone, atol=FORWARD_TOL)
+  assert frame_padding[1, len(alone) :].all()
