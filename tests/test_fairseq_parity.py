@@ -28,7 +28,7 @@ FORWARD_TOL = 1e-4
 LOSS_RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["audio_v1", "text_v1"])
+@pytest.fixture(scope="module", params=["audio_v1", "text_v1", "image_v1"])
 def imported(request, tmp_path_factory):
   """(config, model, restored train state, fairseq's outputs, conversion report)."""
   out = tmp_path_factory.mktemp(request.param) / "run"
@@ -49,6 +49,9 @@ def _ours(config, model, state, reference):
     inputs = jnp.asarray(reference["input/target_tokens"])
     student_inputs = jnp.asarray(reference["input/src_tokens"])
     padding, embedding_mask = inputs == config.model.pad_id, None
+  elif config.modality == "image":  # BEiT's NCHW images, its mask over the patch grid
+    inputs = student_inputs = jnp.asarray(reference["input/images"].transpose(0, 2, 3, 1))
+    padding, embedding_mask = None, mask
   else:
     inputs = student_inputs = jnp.asarray(reference["input/source"])
     padding, embedding_mask = jnp.zeros(inputs.shape, bool), mask
@@ -67,12 +70,18 @@ def _ours(config, model, state, reference):
   )
   pred = model.apply(variables, x, method=model.predict)
   y = steps.teacher_targets(model, config, state.teacher, inputs, padding, tokens, token_padding)
+  if token_padding is None:  # images are never padded
+    token_padding = clean_padding = jnp.zeros(mask.shape, bool)
   weights = mask & ~token_padding
   scale = None if config.loss.scale < 0 else config.loss.scale
   loss, _ = losses.regression_loss(
     pred, y, weights, beta=config.loss.beta, scale=scale, reduce_dims=config.loss.reduce_dims
   )
-  out = {f"out/layer/{i}": layer["block"] for i, layer in enumerate(clean["layers"])}
+  # Block outputs at the tokens (BEiT's layer results leave out the CLS token, which ours lead).
+  out = {
+    f"out/layer/{i}": layer["block"][:, layer["block"].shape[1] - mask.shape[1] :]
+    for i, layer in enumerate(clean["layers"])
+  }
   out = {k: np.where(~np.asarray(clean_padding)[..., None], v, 0.0) for k, v in out.items()}
   where = np.asarray(mask)
   # fairseq's text model returns padded rows' outputs at padded positions too: compare valid ones.
@@ -101,7 +110,7 @@ def test_encoder_targets_and_head_equal_fairseqs(imported):
     np.testing.assert_allclose(ours[name], want, atol=FORWARD_TOL, err_msg=name)
 
 
-_SCALARS = ("out/loss_sum", "out/sample_size")
+_SCALARS = ("out/loss_sum", "out/sample_size", "out/loss")
 
 
 def test_first_loss_equals_fairseqs(imported):
@@ -109,7 +118,10 @@ def test_first_loss_equals_fairseqs(imported):
   head was carried over and the file's recipe (top-K, norms, loss) read from its config."""
   config, model, state, reference, _ = imported
   ours = _ours(config, model, state, reference)
-  fairseq_loss = float(reference["out/loss_sum"]) / float(reference["out/sample_size"])
+  if "out/loss" in reference:  # BEiT's: the mean over masked tokens and dimensions
+    fairseq_loss = float(reference["out/loss"])
+  else:  # fairseq's: the sum over masked positions (scaled), per position
+    fairseq_loss = float(reference["out/loss_sum"]) / float(reference["out/sample_size"])
   np.testing.assert_allclose(float(ours["loss"]), fairseq_loss, rtol=LOSS_RTOL)
 
 
@@ -117,10 +129,18 @@ def test_conversion_json_lists_the_head_and_the_recipe(imported):
   """The head is listed as kept, not dropped, and each recipe field says where it came from:
   the fixtures use values other than this project's recipes, so a default would show."""
   config, _, _, _, report = imported
-  head = {"audio": "final_proj.", "text": "encoder.regression_head."}[config.modality]
+  head = {"audio": "final_proj.", "text": "encoder.regression_head.", "image": "lm_head."}[
+    config.modality
+  ]
   assert report["kept"] and all(key.startswith(head) for key in report["kept"])
   assert not any(line.startswith(head) for line in report["dropped"])
   rows = {row["field"]: row for row in report["recipe"]}
+  if config.modality == "image":  # data2vec_vision's argparse recipe
+    assert rows["targets.top_k"]["file"] == "[1, 2]" and config.targets.top_k == 2
+    assert rows["loss.beta"]["ours"] == config.loss.beta == 2.0
+    assert rows["masking.masked_patches"]["ours"] == config.masking.masked_patches == 20
+    assert config.targets.final_norm == "layer"
+    return
   assert rows["targets.top_k"] == {
     "field": "targets.top_k",
     "file": 2,

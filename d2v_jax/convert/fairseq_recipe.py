@@ -12,6 +12,7 @@ the project cannot represent (batch-norm targets, a one-layer text head, channel
 pretraining, a whole-model speech teacher) is a ConversionError naming it.
 """
 
+import ast
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from d2v_jax.convert import common
+from d2v_jax.models import data2vec
 
 
 def _linear(state_dict, prefix: str) -> dict:
@@ -177,8 +179,6 @@ def apply_recipe(
 ) -> list:
   """Writes the checkpoint's recipe into `config` (see the module docstring); returns the table
   rows `{"field", "file", "ours", "from"}` for `conversion.json`."""
-  if version == 1 and modality not in _FIELDS:  # BEiT's argparse recipe is not read
-    return []
   cfg, rows = dict(cfg or {}), []
 
   def put(ours: str, value, source: str | None, raw=_MISSING, neutral=0):
@@ -202,6 +202,9 @@ def apply_recipe(
       group[name] = value
     rows.append({"field": ours, "file": file_value, "ours": group[name], "from": origin})
 
+  if version == 1 and modality == "image":  # data2vec_vision's argparse recipe (BEiT)
+    _beit_recipe(config, cfg, put)
+    return rows
   fields = _FIELDS_V2 if version == 2 else _FIELDS[modality]
   for field in fields:
     source = field.source.replace("{mod}", modality)
@@ -248,6 +251,61 @@ def _v2_teacher(cfg, put) -> None:
   if "ema_encoder_only" in cfg:
     copied = BLOCKS_ONLY if cfg["ema_encoder_only"] else ()
     put("ema.copy_params", copied, "model.ema_encoder_only", cfg["ema_encoder_only"])
+
+
+def _beit_recipe(config, args: Mapping[str, Any], put) -> None:
+  """data2vec_vision's `run_cyclical.py` arguments (spec §1.3, §1.4): target layers, their
+  norms, smooth L1 beta, the EMA ramp and the masked patch count."""
+  if "target_layers" in args:
+    layers = sorted(ast.literal_eval(str(args["target_layers"])))
+    depth = data2vec.model_sizes("image", config.model)["num_layers"]
+    if layers != list(range(depth - len(layers), depth)):
+      raise common.ConversionError(
+        f"target_layers={layers}: d2v-jax averages the top K blocks (of {depth}) only"
+      )
+    put("targets.top_k", len(layers), "target_layers", args["target_layers"])
+  if "layer_results" in args:
+    kinds = {"end": "block", "fc": "ffn"}
+    if args["layer_results"] not in kinds:
+      raise common.ConversionError(f"layer_results={args['layer_results']!r}: use end or fc")
+    put("targets.layer_output", kinds[args["layer_results"]], "layer_results")
+  if args.get("target_batch_norm"):
+    raise common.ConversionError("target_batch_norm=True: d2v-jax normalises by instance or layer")
+  per_layer = {
+    "target_instance_norm": args.get("target_instance_norm", False),
+    "layer norm (not no_target_layer_norm_last)": not args.get("no_target_layer_norm_last", False),
+  }
+  if all(per_layer.values()):
+    raise common.ConversionError(
+      "target_instance_norm with the last layer norm: d2v-jax uses one per-layer norm"
+    )
+  if "no_target_layer_norm_last" in args or "target_instance_norm" in args:
+    kind = "instance" if per_layer["target_instance_norm"] else "layer"
+    kind = kind if any(per_layer.values()) else "none"
+    put("targets.layer_norm", kind, "target_instance_norm/no_target_layer_norm_last", per_layer)
+  post = {k: bool(args.get(k)) for k in ("post_target_instance_norm", "post_target_layer_norm")}
+  if all(post.values()):
+    raise common.ConversionError("post_target_instance_norm with post_target_layer_norm")
+  if any(k in args for k in post):
+    final = "instance" if post["post_target_instance_norm"] else "none"
+    final = "layer" if post["post_target_layer_norm"] else final
+    put("targets.final_norm", final, "post_target_instance_norm/post_target_layer_norm", post)
+  if "l1_beta" in args or "l2_loss" in args:
+    beta = 0.0 if args.get("l2_loss") else float(args.get("l1_beta", 0.12))
+    put("loss.beta", beta, "l1_beta/l2_loss", {k: args.get(k) for k in ("l1_beta", "l2_loss")})
+  if args.get("loss_scale", -1) != -1:
+    put("loss.scale", float(args["loss_scale"]), "loss_scale")
+  if "ema_decay" in args:  # τ ramps from ema_decay_init to ema_decay over ema_start_at updates
+    start = int(args.get("ema_start_at", 0))
+    put(
+      "ema.decay",
+      float(args.get("ema_decay_init", args["ema_decay"]) if start else args["ema_decay"]),
+      "ema_decay_init",
+    )
+    put("ema.end_decay", float(args["ema_decay"]), "ema_decay")
+    put("ema.anneal_steps", start, "ema_start_at")
+  if "num_mask_patches" in args:
+    put("masking.masked_patches", int(args["num_mask_patches"]), "num_mask_patches")
 
 
 def _audio_teacher_and_masks(cfg, put) -> None:

@@ -102,6 +102,8 @@ def _hf_teacher_leaves(modality: str, teacher_dict: dict | None, hf_config: dict
   if not teacher_dict:
     return None
   table = hf.MODALITY_CONVERTERS[modality].expected_keys(common.config_dict(hf_config))
+  # Vision's position-index buffers: constants our model computes (checked on the student).
+  teacher_dict = {k: v for k, v in teacher_dict.items() if "relative_position_index" not in k}
   unknown = sorted(k for k in teacher_dict if k not in table)
   if unknown:
     raise common.ConversionError("EMA teacher keys with no counterpart: " + ", ".join(unknown))
