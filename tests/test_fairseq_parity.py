@@ -19,7 +19,16 @@ from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
 from configs import workdir as workdir_config
-from d2v_jax import checkpoint, finetune_steps, losses, pretrained, steps, teacher, train
+from d2v_jax import (
+  checkpoint,
+  finetune_steps,
+  losses,
+  masking_v2,
+  pretrained,
+  steps,
+  teacher,
+  train,
+)
 from d2v_jax.convert import files, workdir
 from d2v_jax.models import finetune as finetune_models
 
@@ -199,6 +208,73 @@ def test_v2_encoder_equals_fairseqs(imported_v2):
     want = reference[f"out/ffn/{i}"]
     want = want[:, want.shape[1] - valid.shape[1] :]  # images: fairseq's rows lead with CLS
     np.testing.assert_allclose(layer["ffn"][valid], want[valid], atol=FORWARD_TOL, err_msg=str(i))
+
+
+def _v2_inputs(config, reference):
+  """(inputs, padding) of fairseq's batch in our layout."""
+  inputs = reference["input/source"]
+  if config.modality == "image":
+    return jnp.asarray(inputs.transpose(0, 2, 3, 1)), None  # fairseq's NCHW -> our NHWC
+  if config.modality == "text":
+    return jnp.asarray(inputs), jnp.asarray(reference["input/padding_mask"])
+  return jnp.asarray(inputs), jnp.zeros(inputs.shape, bool)
+
+
+def test_v2_loss_equals_fairseqs(imported_v2):
+  """fairseq's training forward with fixed masks (`precomputed_mask`, one per clone): our
+  step's computation on the same masks (one teacher pass, clones, the student on the kept
+  tokens, the decoder at every position) gives its predictions and targets at the masked
+  positions and its regression loss."""
+  config, model, state, reference, _, _ = imported_v2
+  inputs, padding = _v2_inputs(config, reference)
+  masks = jnp.asarray(reference["input/masks"])  # [B·M, N]
+  num_clones = config.masking.num_clones
+  v2mask = masking_v2.from_mask(masks, int(masks.shape[1] - masks[0].sum()))
+  variables = {"params": state.params}
+
+  def forward(inputs, padding):
+    tokens, token_padding = model.apply(variables, inputs, padding, train=False, method=model.embed)
+    if token_padding is None:
+      token_padding = jnp.zeros(tokens.shape[:2], bool)
+    y = steps.teacher_targets(model, config, state.teacher, inputs, padding, tokens, token_padding)
+    clones = masking_v2.clone_batch(tokens, num_clones)
+    clone_padding = masking_v2.clone_batch(token_padding, num_clones)
+    x, _ = model.apply(
+      variables, clones, clone_padding, v2mask.keep_ids, train=False, method=model.encode
+    )
+    pred = model.apply(
+      variables,
+      x,
+      v2mask,
+      clone_padding,
+      train=False,
+      rngs={"noise": jax.random.key(0)},  # the fixtures' mask noise is 0
+      method=model.decode,
+    )
+    target = masking_v2.clone_batch(y, num_clones)
+    weights = v2mask.mask & ~clone_padding
+    loss, _ = losses.regression_loss(
+      pred, target, weights, beta=0.0, scale=config.loss.scale, reduce_dims="sum"
+    )
+    return pred, target, weights, loss
+
+  pred, target, weights, loss = jax.device_get(forward(inputs, padding))
+  assert config.model.mask_noise_std == 0.0
+  want_pred, want_target = reference["out/pred"], reference["out/targets"]
+  loss_sum = float(reference["out/loss_sum"])
+  if "out/alone/pred" in reference:  # a padded sample: fairseq on its valid tokens alone
+    alone = len(reference["out/alone/pred"])  # its clones' masked positions, which come last
+    want_pred = np.concatenate([want_pred[:-alone], reference["out/alone/pred"]])
+    want_target = np.concatenate([want_target[:-alone], reference["out/alone/targets"]])
+    scale = config.loss.scale if config.loss.scale is not None else want_pred.shape[-1] ** -0.5
+    batched_tail = np.sum(
+      np.square(reference["out/pred"][-alone:] - reference["out/targets"][-alone:])
+    )
+    loss_sum += float(reference["out/alone/loss_sum"]) - float(batched_tail) * scale
+  np.testing.assert_allclose(pred[weights], want_pred, atol=FORWARD_TOL)
+  np.testing.assert_allclose(target[weights], want_target, atol=FORWARD_TOL)
+  fairseq_loss = loss_sum / float(reference["out/sample_size"])
+  np.testing.assert_allclose(float(loss), fairseq_loss, rtol=LOSS_RTOL)
 
 
 def test_v2_teacher_is_imported_as_fairseq_stored_it(imported_v2):
