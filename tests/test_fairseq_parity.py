@@ -302,16 +302,7 @@ def test_v2_export_returns_fairseqs_own_file(imported_v2, tmp_path):
   tensor, the teacher's `_ema` included; its cfg rebuilds the same model (fairseq's own
   Data2VecMultiModel loads the file with strict=True: make_fairseq_fixtures.py --check-export)."""
   config, name = imported_v2[0], imported_v2[-1]
-  run_dir = tmp_path / "run"
-  workdir.import_checkpoint(FIXTURES / f"{name}.pt", run_dir)
-  written = workdir.export_checkpoint(run_dir, tmp_path / "export")
-  ours = files.load_torch_file(tmp_path / "export" / workdir.FAIRSEQ_CHECKPOINT)
-  theirs = files.load_torch_file(FIXTURES / f"{name}.pt")
-  flat_ours = traverse_util.flatten_dict(ours["model"], sep="/")
-  flat_theirs = traverse_util.flatten_dict(theirs["model"], sep="/")
-  assert sorted(flat_ours) == sorted(flat_theirs)
-  for key, value in flat_theirs.items():
-    np.testing.assert_allclose(flat_ours[key], value, atol=1e-6, err_msg=key)
+  written, ours, theirs = _export_round_trip(name, tmp_path)
   model_cfg, file_cfg = ours["cfg"]["model"], theirs["cfg"]["model"]
   for field in ("depth", "embed_dim", "num_heads", "mlp_ratio", "ema_encoder_only", "clone_batch"):
     assert model_cfg[field] == file_cfg[field], field
@@ -325,7 +316,47 @@ def test_v2_export_returns_fairseqs_own_file(imported_v2, tmp_path):
       assert mod[field] == file_mod[field], field
   assert written["supported_modality"] == config.modality.upper()
   tensors = safetensors_numpy.load_file(tmp_path / "export" / "model.safetensors")
+  flat_theirs = traverse_util.flatten_dict(theirs["model"], sep="/")
   assert sorted(tensors) == sorted(k.replace("/", ".", 1) for k in flat_theirs)
+
+
+def _export_round_trip(name, tmp_path):
+  """(what export wrote, our checkpoint.pt, fairseq's file) after import then export of
+  fixture `name`; asserts that every key and tensor of fairseq's state dict came back."""
+  run_dir = tmp_path / "run"
+  workdir.import_checkpoint(FIXTURES / f"{name}.pt", run_dir)
+  written = workdir.export_checkpoint(run_dir, tmp_path / "export")
+  ours = files.load_torch_file(tmp_path / "export" / workdir.FAIRSEQ_CHECKPOINT)
+  theirs = files.load_torch_file(FIXTURES / f"{name}.pt")
+  flat_ours = traverse_util.flatten_dict(ours["model"], sep="/")
+  flat_theirs = traverse_util.flatten_dict(theirs["model"], sep="/")
+  assert sorted(flat_ours) == sorted(flat_theirs)
+  for key, value in flat_theirs.items():
+    np.testing.assert_allclose(flat_ours[key], value, atol=1e-6, err_msg=key)
+  return written, ours, theirs
+
+
+def test_v1_speech_export_also_writes_fairseqs_layout(tmp_path):
+  """A 1.0 speech run exports to HF and to fairseq's `Data2VecAudioModel` layout: the round
+  trip of fairseq's own file returns it key for key (regression head and `_ema` included), and
+  its cfg's structure fields are the file's (fairseq loads it with strict=True:
+  make_fairseq_fixtures.py --check-export)."""
+  written, ours, theirs = _export_round_trip("audio_v1", tmp_path)
+  assert written["architectures"] == ["Data2VecAudioModel"]  # the HF directory, as before
+  assert (tmp_path / "export" / "model.safetensors").is_file()
+  for field in (
+    "conv_feature_layers",
+    "encoder_layers",
+    "encoder_embed_dim",
+    "encoder_attention_heads",
+    "conv_pos",
+    "pos_conv_depth",
+    "average_top_k_layers",
+    "instance_norm_target_layer",
+    "ema_decay",
+    "mask_length",
+  ):
+    assert ours["cfg"]["model"][field] == theirs["cfg"]["model"][field], field
 
 
 def test_fine_tuned_ctc_logits_equal_fairseqs(tmp_path):

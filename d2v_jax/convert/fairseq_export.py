@@ -1,5 +1,7 @@
-"""Our data2vec 2.0 runs in fairseq's layout (issue 24): HF has no 2.0 class, so a 2.0 run
-exports to the `.pt` that fairseq's `Data2VecMultiModel` loads, and to safetensors.
+"""Our runs in fairseq's layout (issue 24): HF has no 2.0 class, so a 2.0 run exports to the
+`.pt` that fairseq's `Data2VecMultiModel` loads, and to safetensors; a 1.0 speech run exports
+to HF and also to what fairseq's `Data2VecAudioModel` loads (`audio_v1_checkpoint`: the HF
+names renamed back with `fairseq_v1`'s own rules turned around, the regression head, `_ema`).
 
 `checkpoint_dict` is the inverse of `fairseq_v2.from_fairseq`: the student under fairseq's names
 (`fairseq_v2.key_table` read backwards), the EMA teacher as `_ema` (the blocks alone, named
@@ -8,13 +10,14 @@ exports to the `.pt` that fairseq's `Data2VecMultiModel` loads, and to safetenso
 §2.3) with the run's recipe. `torch_pickle.save` writes it without torch.
 """
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
-from d2v_jax.convert import common, fairseq_recipe, fairseq_v2
+from d2v_jax.convert import common, fairseq_recipe, fairseq_v1, fairseq_v2, hf_audio
 from d2v_jax.models import data2vec, image
 
 FAIRSEQ_MODALITY = {"audio": "AUDIO", "image": "IMAGE", "text": "TEXT"}
@@ -136,3 +139,108 @@ def checkpoint_dict(config, params, teacher=None) -> dict:
     if teacher is not None and "frontend" in teacher:  # the teacher holds the local encoder
       state["_ema"][name] = positions
   return {"model": state, "cfg": {"model": model_cfg(config)}}
+
+
+# ----------------------------------------------------------------------------- data2vec 1.0
+
+
+def _inverse(rules) -> tuple:
+  """fairseq -> HF renaming rules (full-match patterns with groups, templates with \\N) turned
+  around: (HF pattern, fairseq template)."""
+  inverse = []
+  for pattern, template in rules:
+    groups = re.findall(r"\((?!\?)[^()]*\)", pattern)
+    hf_pattern = re.escape(template)
+    for i, group in enumerate(groups, 1):
+      hf_pattern = hf_pattern.replace(re.escape(f"\\{i}"), group)
+    fairseq_template, n = pattern, 0
+    for group in groups:
+      n += 1
+      fairseq_template = fairseq_template.replace(group, f"\\{n}", 1)
+    inverse.append((re.compile(hf_pattern), fairseq_template.replace("\\.", ".")))
+  return tuple(inverse)
+
+
+_AUDIO_TO_FAIRSEQ = _inverse(fairseq_v1._AUDIO_BASE)
+
+
+def _fairseq_name(name: str) -> str:
+  for pattern, template in _AUDIO_TO_FAIRSEQ:
+    if pattern.fullmatch(name):
+      return pattern.sub(template, name)
+  raise common.ConversionError(f"HF key {name} has no fairseq data2vec_audio name")
+
+
+def _linear_to_torch(dense) -> dict:
+  return {
+    "weight": np.ascontiguousarray(np.asarray(dense["kernel"], np.float32).T),
+    "bias": np.asarray(dense["bias"], np.float32),
+  }
+
+
+def audio_v1_cfg(config) -> dict:
+  """fairseq's `data2vec_audio` model config (plain types) of a speech 1.0 run."""
+  m, sizes = config.model, data2vec.model_sizes("audio", config.model)
+  c, depth = sizes["conv_dim"], sizes["pos_conv_depth"]
+  t = config.targets
+  return {
+    "_name": "data2vec_audio",
+    "extractor_mode": "layer_norm",
+    "conv_feature_layers": f"[({c}, 10, 5)] + [({c}, 3, 2)] * 4 + [({c}, 2, 2)] * 2",
+    "conv_bias": False,
+    "encoder_layers": sizes["num_layers"],
+    "encoder_embed_dim": sizes["dim"],
+    "encoder_ffn_embed_dim": sizes["mlp_dim"],
+    "encoder_attention_heads": sizes["num_heads"],
+    # fairseq's kernel per layer is max(3, conv_pos // depth): conv_pos = kernel × depth.
+    "conv_pos": sizes["pos_conv_kernel"] * depth,
+    "conv_pos_groups": sizes["pos_conv_groups"],
+    "pos_conv_depth": depth,
+    "layer_norm_first": False,
+    "average_top_k_layers": t.top_k,
+    **_norm_flags(t.layer_norm, "instance_norm_target_layer", "layer_norm_target_layer"),
+    **_norm_flags(t.final_norm, "instance_norm_targets", "layer_norm_targets"),
+    "loss_beta": float(config.loss.beta),
+    "loss_scale": None if config.loss.scale < 0 else float(config.loss.scale),
+    "ema_decay": config.ema.decay,
+    "ema_end_decay": config.ema.end_decay,
+    "ema_anneal_end_step": config.ema.anneal_steps,
+    "ema_transformer_only": True,
+    "ema_layers_only": bool(config.ema.copy_params),
+    "max_update": config.loop.total_steps,
+    "mask_prob": config.masking.prob,
+    "mask_length": config.masking.length,
+    "dropout": m.dropout,
+    "attention_dropout": m.attention_dropout,
+    "activation_dropout": m.activation_dropout,
+    "encoder_layerdrop": m.layerdrop,
+    "feature_grad_mult": m.feature_grad_mult,
+    "min_target_var": config.loop.min_target_std,
+    "min_pred_var": config.loop.min_pred_std,
+  }
+
+
+def audio_v1_checkpoint(config, params, teacher=None) -> dict:
+  """`{"model": ..., "cfg": {"model": ...}}` of a data2vec 1.0 speech pretraining run, as
+  fairseq's `Data2VecAudioModel` saves it: its state dict (the regression head `final_proj`
+  included) with the EMA teacher's transformer as `_ema`."""
+  sizes = data2vec.model_sizes("audio", config.model)
+  if sizes["pos_conv_depth"] < 2:
+    raise common.ConversionError(
+      "fairseq's single positional conv is weight-normed and has no LayerNorm; this run's "
+      f"pos_conv_depth={sizes['pos_conv_depth']} conv has no fairseq counterpart (export to HF)"
+    )
+  hf_state = hf_audio.params_to_hf(params)
+  state = {_fairseq_name(k): v for k, v in hf_state.items()}
+  state |= {f"final_proj.{k}": v for k, v in _linear_to_torch(params["final_proj"]).items()}
+  if teacher is not None:
+    hf_config = hf_audio.hf_config_from_params(params)
+    table = hf_audio.expected_keys(common.config_dict(hf_config))
+    flat = traverse_util.flatten_dict(dict(teacher))
+    ema = {}  # fairseq keeps its skip keys (the positional conv, copied) in `_ema` too
+    for hf_name, entry in table.items():
+      if entry.path in flat:
+        name = _fairseq_name(hf_name).removeprefix("encoder.")  # the EMA copies the encoder
+        ema[name] = np.ascontiguousarray(entry.to_hf(np.asarray(flat[entry.path], np.float32)))
+    state["_ema"] = ema
+  return {"model": state, "cfg": {"model": audio_v1_cfg(config)}}

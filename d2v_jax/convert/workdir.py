@@ -282,7 +282,24 @@ def export_checkpoint(workdir, out_dir) -> dict:
   out_dir = pathlib.Path(out_dir).expanduser()
   files.save_hf_dir(out_dir, state_dict, hf_config)
   _export_side_files(out_dir, run)
+  if run.modality == "audio" and head_cfg is None:  # and fairseq's layout, where it has one
+    config = _run_config(run)
+    try:
+      ckpt = fairseq_export.audio_v1_checkpoint(config, run.params, run.teacher)
+    except common.ConversionError as error:
+      logging.info("No fairseq checkpoint.pt: %s", error)
+    else:
+      torch_pickle.save(ckpt, out_dir / FAIRSEQ_CHECKPOINT)
   return hf_config
+
+
+def _run_config(run) -> ml_collections.ConfigDict:
+  """The run's full config (`config.json` beside its checkpoints): the recipe a fairseq cfg
+  carries."""
+  config_file = run.directory.parents[1] / "config.json"
+  if not config_file.exists():
+    raise common.ConversionError(f"{config_file} is missing: the run's recipe goes into the cfg")
+  return ml_collections.ConfigDict(json.loads(config_file.read_text()))
 
 
 FAIRSEQ_CHECKPOINT = "checkpoint.pt"
@@ -291,10 +308,7 @@ FAIRSEQ_CHECKPOINT = "checkpoint.pt"
 def _export_fairseq_v2(run, out_dir: pathlib.Path) -> dict:
   """`checkpoint.pt` (fairseq's `Data2VecMultiModel` layout, teacher as `_ema`), the same
   tensors as `model.safetensors` (the teacher's under `_ema.`) and `config.json` (the cfg)."""
-  config_file = run.directory.parents[1] / "config.json"
-  if not config_file.exists():
-    raise common.ConversionError(f"{config_file} is missing: the run's recipe goes into the cfg")
-  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  config = _run_config(run)
   if run.meta.get("head"):
     raise common.ConversionError(
       "exporting a fine-tuned data2vec 2.0 model to fairseq's layout is not supported"
