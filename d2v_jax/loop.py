@@ -147,7 +147,8 @@ def run(
   window_start = time.perf_counter()
   step = int(state.step)
   saved_step = ckpt.latest_step()  # named by a health stop
-  ckpt.check_space(state, loop.total_steps)  # before compiling: the disk holds a checkpoint
+  next_save = min(loop.total_steps, (step // loop.checkpoint_every + 1) * loop.checkpoint_every)
+  ckpt.check_space(state, next_save)  # before compiling: the disk holds the next checkpoint
   try:
     while step < loop.total_steps:
       trace.before(step + 1)

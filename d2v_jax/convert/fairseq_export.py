@@ -161,7 +161,7 @@ def _inverse(rules) -> tuple:
   return tuple(inverse)
 
 
-_AUDIO_TO_FAIRSEQ = _inverse(fairseq_v1._AUDIO_BASE)
+_AUDIO_TO_FAIRSEQ = _inverse(fairseq_v1.AUDIO_BASE)
 
 
 def _fairseq_name(name: str) -> str:

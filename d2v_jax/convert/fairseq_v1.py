@@ -133,7 +133,8 @@ def _compile(table):
 # is split into thirds, one key per part.
 _CONV = r"feature_extractor\.conv_layers\.(\d+)\."
 _AUDIO_LAYER = r"encoder\.layers\.(\d+)\."
-_AUDIO_BASE = (
+# Read backwards by `fairseq_export` (HF names -> fairseq's) for the 1.0 speech export.
+AUDIO_BASE = (
   (_CONV + r"0\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
   (_CONV + r"2\.1\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
   (r"layer_norm\.(weight|bias)", r"feature_projection.layer_norm.\1"),
@@ -246,7 +247,7 @@ class _Layout:
 
 _LAYOUTS = {
   "audio": _Layout(
-    base=_compile(_AUDIO_BASE),
+    base=_compile(AUDIO_BASE),
     heads=_compile(_AUDIO_HEADS),
     drops=_compile(_AUDIO_DROPS),
     task_of_head="ctc",
