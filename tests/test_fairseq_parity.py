@@ -21,16 +21,13 @@ from safetensors import numpy as safetensors_numpy
 from configs import workdir as workdir_config
 from d2v_jax import (
   checkpoint,
-  finetune_steps,
   losses,
   masking_v2,
-  pretrained,
   steps,
   teacher,
   train,
 )
 from d2v_jax.convert import files, workdir
-from d2v_jax.models import finetune as finetune_models
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "fairseq"
 FORWARD_TOL = 1e-4
@@ -336,15 +333,8 @@ def _export_round_trip(name, tmp_path):
   return written, ours, theirs
 
 
-def test_v1_speech_export_also_writes_fairseqs_layout(tmp_path):
-  """A 1.0 speech run exports to HF and to fairseq's `Data2VecAudioModel` layout: the round
-  trip of fairseq's own file returns it key for key (regression head and `_ema` included), and
-  its cfg's structure fields are the file's (fairseq loads it with strict=True:
-  make_fairseq_fixtures.py --check-export)."""
-  written, ours, theirs = _export_round_trip("audio_v1", tmp_path)
-  assert written["architectures"] == ["Data2VecAudioModel"]  # the HF directory, as before
-  assert (tmp_path / "export" / "model.safetensors").is_file()
-  for field in (
+_V1_CFG_FIELDS = {
+  "audio_v1": (
     "conv_feature_layers",
     "encoder_layers",
     "encoder_embed_dim",
@@ -355,30 +345,32 @@ def test_v1_speech_export_also_writes_fairseqs_layout(tmp_path):
     "instance_norm_target_layer",
     "ema_decay",
     "mask_length",
-  ):
+  ),
+  "text_v1": (
+    "head_layers",
+    "average_top_k_layers",
+    "layer_norm_target_layer",
+    "loss_beta",
+    "loss_scale",
+    "ema_anneal_end_step",
+    "ema_transformer_layers_only",
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_V1_CFG_FIELDS))
+def test_v1_export_also_writes_fairseqs_layout(name, tmp_path):
+  """A 1.0 speech or text run exports to HF and to fairseq's `Data2VecAudioModel` /
+  `Data2VecTextModel` layout: the round trip of fairseq's own file returns it key for key
+  (regression head and EMA teacher included), and its cfg's fields are the file's (fairseq
+  loads it with strict=True: make_fairseq_fixtures.py --check-export)."""
+  written, ours, theirs = _export_round_trip(name, tmp_path)
+  assert written["architectures"][0].startswith("Data2Vec")  # the HF directory, as before
+  assert (tmp_path / "export" / "model.safetensors").is_file()
+  for field in _V1_CFG_FIELDS[name]:
     assert ours["cfg"]["model"][field] == theirs["cfg"]["model"][field], field
-
-
-def test_fine_tuned_ctc_logits_equal_fairseqs(tmp_path):
-  """fairseq's own `Wav2VecCtc` over a data2vec encoder (the released `*_960h.pt` layout):
-  imported as our CTC fine-tuning model, its logits equal fairseq's at valid frames."""
-  report = workdir.import_checkpoint(FIXTURES / "ctc_v1.pt", tmp_path / "run")
-  assert report["mode"] == "finetune" and report["head"]["task"] == "ctc"
-  config = workdir_config.get_config(str(tmp_path / "run"))
-  run = pretrained.load_pretrained(tmp_path / "run")
-  model = finetune_models.build_finetune_model("audio", config.model, config.head)
-  reference = dict(np.load(FIXTURES / "ctc_v1.npz"))
-  batch = {
-    "audio": jnp.asarray(reference["input/source"]),
-    "padding_mask": jnp.asarray(reference["input/padding_mask"]),
-  }
-  logits, frame_padding = jax.device_get(
-    jax.jit(finetune_steps.make_predict(model, "audio"))(run.params, batch)
-  )
-  np.testing.assert_array_equal(frame_padding, reference["out/frame_padding"])
-  np.testing.assert_allclose(logits[0], reference["out/logits"][0], atol=FORWARD_TOL)
-  # The padded row against fairseq on its valid samples alone (see the generator: fairseq's
-  # positional conv lets padding leak into valid frames, ours does not).
-  alone = reference["out/logits_row1_alone"]
-  np.testing.assert_allclose(logits[1, : len(alone)], alone, atol=FORWARD_TOL)
-  assert frame_padding[1, len(alone) :].all()
+  if name == "text_v1":
+    encoder = ("embed_dim", "ffn_embed_dim", "layers", "attention_heads", "learned_pos")
+    for field in encoder:
+      want = theirs["cfg"]["model"]["transformer"]["encoder"][field]
+      assert ours["cfg"]["model"]["transformer"]["encoder"][field] == want, field

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from d2v_jax.convert import common, fairseq_recipe, fairseq_v1, fairseq_v2, hf_audio
+from d2v_jax.convert import common, fairseq_recipe, fairseq_v1, fairseq_v2, hf_audio, hf_text
 from d2v_jax.models import data2vec, image
 
 FAIRSEQ_MODALITY = {"audio": "AUDIO", "image": "IMAGE", "text": "TEXT"}
@@ -161,14 +161,17 @@ def _inverse(rules) -> tuple:
   return tuple(inverse)
 
 
-_AUDIO_TO_FAIRSEQ = _inverse(fairseq_v1.AUDIO_BASE)
+_TO_FAIRSEQ = {
+  "audio": _inverse(fairseq_v1.AUDIO_BASE),
+  "text": _inverse(fairseq_v1.TEXT_BASE),
+}
 
 
-def _fairseq_name(name: str) -> str:
-  for pattern, template in _AUDIO_TO_FAIRSEQ:
+def _fairseq_name(modality: str, name: str) -> str:
+  for pattern, template in _TO_FAIRSEQ[modality]:
     if pattern.fullmatch(name):
       return pattern.sub(template, name)
-  raise common.ConversionError(f"HF key {name} has no fairseq data2vec_audio name")
+  raise common.ConversionError(f"HF key {name} has no fairseq data2vec 1.0 {modality} name")
 
 
 def _linear_to_torch(dense) -> dict:
@@ -231,7 +234,7 @@ def audio_v1_checkpoint(config, params, teacher=None) -> dict:
       f"pos_conv_depth={sizes['pos_conv_depth']} conv has no fairseq counterpart (export to HF)"
     )
   hf_state = hf_audio.params_to_hf(params)
-  state = {_fairseq_name(k): v for k, v in hf_state.items()}
+  state = {_fairseq_name("audio", k): v for k, v in hf_state.items()}
   state |= {f"final_proj.{k}": v for k, v in _linear_to_torch(params["final_proj"]).items()}
   if teacher is not None:
     hf_config = hf_audio.hf_config_from_params(params)
@@ -240,7 +243,84 @@ def audio_v1_checkpoint(config, params, teacher=None) -> dict:
     ema = {}  # fairseq keeps its skip keys (the positional conv, copied) in `_ema` too
     for hf_name, entry in table.items():
       if entry.path in flat:
-        name = _fairseq_name(hf_name).removeprefix("encoder.")  # the EMA copies the encoder
+        name = _fairseq_name("audio", hf_name).removeprefix("encoder.")  # the EMA's: the encoder
         ema[name] = np.ascontiguousarray(entry.to_hf(np.asarray(flat[entry.path], np.float32)))
     state["_ema"] = ema
   return {"model": state, "cfg": {"model": audio_v1_cfg(config)}}
+
+
+_TEXT_ENCODER = "encoder.sentence_encoder."
+_VERSION = np.array([3.0], np.float32)  # fairseq's TransformerEncoder `version` buffer
+
+
+def text_v1_cfg(config) -> dict:
+  """fairseq's `data2vec_text` model config (plain types) of a text 1.0 run."""
+  m, sizes, t = config.model, data2vec.model_sizes("text", config.model), config.targets
+  return {
+    "_name": "data2vec_text",
+    "max_positions": sizes["max_positions"],
+    "head_layers": 2,  # our regression head: Linear, GELU, Linear
+    "average_top_k_layers": t.top_k,
+    **_norm_flags(t.layer_norm, "instance_norm_target_layer", "layer_norm_target_layer"),
+    **_norm_flags(t.final_norm, "instance_norm_targets", "layer_norm_targets"),
+    "loss_beta": float(config.loss.beta),
+    "loss_scale": float(config.loss.scale),
+    "ema_decay": config.ema.decay,
+    "ema_end_decay": config.ema.end_decay,
+    "ema_anneal_end_step": config.ema.anneal_steps,
+    "ema_transformer_layers_only": bool(config.ema.copy_params),
+    "transformer": {
+      "dropout": m.dropout,
+      "attention_dropout": m.attention_dropout,
+      "activation_dropout": m.activation_dropout,
+      "activation_fn": "gelu",
+      "layernorm_embedding": True,
+      "no_scale_embedding": True,
+      "max_source_positions": sizes["max_positions"],
+      "encoder": {
+        "embed_dim": sizes["dim"],
+        "ffn_embed_dim": sizes["mlp_dim"],
+        "layers": sizes["num_layers"],
+        "attention_heads": sizes["num_heads"],
+        "normalize_before": False,
+        "learned_pos": True,
+        "layerdrop": 0.0,
+      },
+      # Unused by data2vec_text; fairseq's TransformerConfig interpolates these dims from a
+      # translation model's config, so they are written out.
+      "decoder": {"embed_dim": sizes["dim"], "input_dim": sizes["dim"], "output_dim": sizes["dim"]},
+    },
+  }
+
+
+def text_v1_checkpoint(config, params, teacher=None) -> dict:
+  """`{"model": ..., "cfg": {"model": ...}}` of a data2vec 1.0 text pretraining run, as
+  fairseq's `Data2VecTextModel` saves it: the sentence encoder, the regression head and the
+  EMA teacher as `encoder._ema`. HF's zero token type row has no fairseq counterpart."""
+  pad_id = config.model.pad_id
+  hf_state = hf_text.params_to_hf(params, pad_id=pad_id)
+  hf_state.pop(hf_text.TOKEN_TYPE_KEY)
+  state = {_fairseq_name("text", k): v for k, v in hf_state.items()}
+  state[_TEXT_ENCODER + "version"] = _VERSION
+  head = params["final_proj"]
+  for torch_index, ours in ((0, "dense"), (2, "out")):
+    for k, v in _linear_to_torch(head[ours]).items():
+      state[f"encoder.regression_head.{torch_index}.{k}"] = v
+  if teacher is not None:
+    teacher_state = hf_text.params_to_hf(dict(teacher), pad_id=pad_id)
+    teacher_state.pop(hf_text.TOKEN_TYPE_KEY)
+    ema = {
+      _fairseq_name("text", k).removeprefix(_TEXT_ENCODER): v for k, v in teacher_state.items()
+    }
+    state["encoder._ema"] = {**ema, "version": _VERSION}
+  return {"model": state, "cfg": {"model": text_v1_cfg(config)}}
+
+
+def v1_checkpoint(config, params, teacher=None) -> dict:
+  """fairseq's checkpoint of a data2vec 1.0 speech or text pretraining run."""
+  exporters = {"audio": audio_v1_checkpoint, "text": text_v1_checkpoint}
+  if config.modality not in exporters:
+    raise common.ConversionError(
+      f"no fairseq layout for data2vec 1.0 {config.modality} runs (export to HF)"
+    )
+  return exporters[config.modality](config, params, teacher)

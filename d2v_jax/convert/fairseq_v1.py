@@ -155,7 +155,8 @@ AUDIO_BASE = (
 _TEXT_EMBED = r"encoder\.sentence_encoder\."
 _TEXT_LAYER = r"encoder\.sentence_encoder\.layers\.(\d+)\."
 _TEXT_HF_LAYER = r"encoder.layer.\1."
-_TEXT_BASE = (
+# Read backwards by `fairseq_export` as well.
+TEXT_BASE = (
   (_TEXT_EMBED + r"embed_tokens\.weight", r"embeddings.word_embeddings.weight"),
   (_TEXT_EMBED + r"embed_positions\.weight", r"embeddings.position_embeddings.weight"),
   (_TEXT_EMBED + r"layernorm_embedding\.(weight|bias)", r"embeddings.LayerNorm.\1"),
@@ -255,7 +256,7 @@ _LAYOUTS = {
     ema_key="_ema",
   ),
   "text": _Layout(
-    base=_compile(_TEXT_BASE),
+    base=_compile(TEXT_BASE),
     heads=_compile(_TEXT_HEADS),
     drops=_compile(_TEXT_DROPS),
     task_of_head="classify",

@@ -282,10 +282,10 @@ def export_checkpoint(workdir, out_dir) -> dict:
   out_dir = pathlib.Path(out_dir).expanduser()
   files.save_hf_dir(out_dir, state_dict, hf_config)
   _export_side_files(out_dir, run)
-  if run.modality == "audio" and head_cfg is None:  # and fairseq's layout, where it has one
+  if run.modality in ("audio", "text") and head_cfg is None:  # and fairseq's layout
     config = _run_config(run)
     try:
-      ckpt = fairseq_export.audio_v1_checkpoint(config, run.params, run.teacher)
+      ckpt = fairseq_export.v1_checkpoint(config, run.params, run.teacher)
     except common.ConversionError as error:
       logging.info("No fairseq checkpoint.pt: %s", error)
     else:
