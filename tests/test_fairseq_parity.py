@@ -325,11 +325,14 @@ def _export_round_trip(name, tmp_path):
   written = workdir.export_checkpoint(run_dir, tmp_path / "export")
   ours = files.load_torch_file(tmp_path / "export" / workdir.FAIRSEQ_CHECKPOINT)
   theirs = files.load_torch_file(FIXTURES / f"{name}.pt")
-  flat_ours = traverse_util.flatten_dict(ours["model"], sep="/")
-  flat_theirs = traverse_util.flatten_dict(theirs["model"], sep="/")
-  assert sorted(flat_ours) == sorted(flat_theirs)
-  for key, value in flat_theirs.items():
-    np.testing.assert_allclose(flat_ours[key], value, atol=1e-6, err_msg=key)
+  for part in ("model", "model_ema"):  # BEiT's files keep the teacher beside the model
+    if part not in theirs:
+      continue
+    flat_ours = traverse_util.flatten_dict(ours[part], sep="/")
+    flat_theirs = traverse_util.flatten_dict(theirs[part], sep="/")
+    assert sorted(flat_ours) == sorted(flat_theirs)
+    for key, value in flat_theirs.items():
+      np.testing.assert_allclose(flat_ours[key], value, atol=1e-6, err_msg=f"{part}/{key}")
   return written, ours, theirs
 
 
@@ -346,6 +349,7 @@ _V1_CFG_FIELDS = {
     "ema_decay",
     "mask_length",
   ),
+  "image_v1": ("target_layers", "l1_beta", "layer_scale_init_value", "post_target_layer_norm"),
   "text_v1": (
     "head_layers",
     "average_top_k_layers",
@@ -360,15 +364,20 @@ _V1_CFG_FIELDS = {
 
 @pytest.mark.parametrize("name", sorted(_V1_CFG_FIELDS))
 def test_v1_export_also_writes_fairseqs_layout(name, tmp_path):
-  """A 1.0 speech or text run exports to HF and to fairseq's `Data2VecAudioModel` /
-  `Data2VecTextModel` layout: the round trip of fairseq's own file returns it key for key
-  (regression head and EMA teacher included), and its cfg's fields are the file's (fairseq
-  loads it with strict=True: make_fairseq_fixtures.py --check-export)."""
+  """A 1.0 run exports to HF and to its released layout (fairseq's `Data2VecAudioModel` /
+  `Data2VecTextModel`, data2vec_vision's BEiT): the round trip of the original code's own file
+  returns it key for key (regression head and EMA teacher included), and its recipe fields
+  are the file's (the original loads it with strict=True: make_fairseq_fixtures.py
+  --check-export)."""
   written, ours, theirs = _export_round_trip(name, tmp_path)
   assert written["architectures"][0].startswith("Data2Vec")  # the HF directory, as before
   assert (tmp_path / "export" / "model.safetensors").is_file()
+  recipe = ("args",) if name == "image_v1" else ("cfg", "model")  # data2vec_vision: argparse
+  ours_cfg, their_cfg = ours, theirs
+  for key in recipe:
+    ours_cfg, their_cfg = ours_cfg[key], their_cfg[key]
   for field in _V1_CFG_FIELDS[name]:
-    assert ours["cfg"]["model"][field] == theirs["cfg"]["model"][field], field
+    assert ours_cfg[field] == their_cfg[field], field
   if name == "text_v1":
     encoder = ("embed_dim", "ffn_embed_dim", "layers", "attention_heads", "learned_pos")
     for field in encoder:

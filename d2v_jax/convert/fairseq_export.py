@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from d2v_jax.convert import common, fairseq_recipe, fairseq_v1, fairseq_v2, hf_audio, hf_text
+from d2v_jax.convert import (
+  common,
+  fairseq_recipe,
+  fairseq_v1,
+  fairseq_v2,
+  hf_audio,
+  hf_image,
+  hf_text,
+)
 from d2v_jax.models import data2vec, image
 
 FAIRSEQ_MODALITY = {"audio": "AUDIO", "image": "IMAGE", "text": "TEXT"}
@@ -317,10 +325,76 @@ def text_v1_checkpoint(config, params, teacher=None) -> dict:
 
 
 def v1_checkpoint(config, params, teacher=None) -> dict:
-  """fairseq's checkpoint of a data2vec 1.0 speech or text pretraining run."""
+  """The released layout of a data2vec 1.0 pretraining run: fairseq's (speech, text) or
+  data2vec_vision's (images)."""
   exporters = {"audio": audio_v1_checkpoint, "text": text_v1_checkpoint}
-  if config.modality not in exporters:
-    raise common.ConversionError(
-      f"no fairseq layout for data2vec 1.0 {config.modality} runs (export to HF)"
+  return {**exporters, "image": image_v1_checkpoint}[config.modality](config, params, teacher)
+
+
+# data2vec_vision's BEiT (`modeling_cyclical`): the fused q/k/v weight and the position index
+# buffer are what the renaming rules do not cover.
+_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.weight")
+_VISION_TO_BEIT = _inverse(r for r in fairseq_v1.VISION_BASE if "{part}" not in r[1])
+
+
+def _beit_state(params, grid: tuple[int, int]) -> dict:
+  """Our image params -> BEiT's `VisionTransformerForCyclicalTraining` state dict."""
+  hf_state = hf_image.params_to_hf(params)
+  state, qkv = {}, {}
+  for name, value in hf_state.items():
+    if match := _QKV.fullmatch(name):
+      qkv.setdefault(int(match.group(1)), {})[match.group(2)] = value
+      continue
+    for pattern, template in _VISION_TO_BEIT:
+      if pattern.fullmatch(name):
+        state[pattern.sub(template, name)] = value
+        break
+    else:
+      raise common.ConversionError(f"HF key {name} has no data2vec_vision name")
+  for i, parts in qkv.items():
+    state[f"blocks.{i}.attn.qkv.weight"] = np.concatenate(
+      [parts[p] for p in ("query", "key", "value")]
     )
-  return exporters[config.modality](config, params, teacher)
+  state["rel_pos_bias.relative_position_index"] = image.relative_position_index(grid)
+  state |= {f"lm_head.{k}": v for k, v in _linear_to_torch(params["final_proj"]).items()}
+  return state
+
+
+def image_v1_checkpoint(config, params, teacher=None) -> dict:
+  """`{"model", "model_ema", "args"}` of a data2vec 1.0 image pretraining run, as
+  data2vec_vision's `run_cyclical.py` saves it (`args` as a plain dict, with the sizes that the
+  `--model` name stands for)."""
+  m, sizes = config.model, data2vec.model_sizes("image", config.model)
+  if m.get("relative_bias", "shared") != "shared":
+    raise common.ConversionError("data2vec_vision pretrains with one shared relative position bias")
+  grid = image.patch_grid(sizes["image_size"], sizes["patch_size"])
+  t, depth = config.targets, sizes["num_layers"]
+  args = {
+    "input_size": sizes["image_size"],
+    "patch_size": sizes["patch_size"],
+    "embed_dim": sizes["dim"],
+    "depth": depth,
+    "num_heads": sizes["num_heads"],
+    "mlp_ratio": sizes["mlp_dim"] / sizes["dim"],
+    "layer_scale_init_value": m.layer_scale_init,
+    "shared_rel_pos_bias": True,
+    "rel_pos_bias": False,
+    "abs_pos_emb": False,
+    "drop_path": m.drop_path_rate,
+    "target_layers": str(list(range(depth - t.top_k, depth))),
+    "layer_results": {"block": "end", "ffn": "fc"}[t.layer_output],
+    "no_target_layer_norm_last": t.layer_norm != "layer",
+    "target_instance_norm": t.layer_norm == "instance",
+    "post_target_layer_norm": t.final_norm == "layer",
+    "post_target_instance_norm": t.final_norm == "instance",
+    "l1_beta": float(config.loss.beta),
+    "l2_loss": config.loss.beta == 0,
+    "ema_decay_init": config.ema.decay,
+    "ema_decay": config.ema.end_decay,
+    "ema_start_at": config.ema.anneal_steps,
+    "num_mask_patches": config.masking.masked_patches,
+  }
+  ckpt = {"model": _beit_state(params, grid), "args": args}
+  if teacher is not None:
+    ckpt["model_ema"] = _beit_state(dict(teacher), grid)
+  return ckpt

@@ -179,7 +179,8 @@ TEXT_BASE = (
 _BLOCK = r"blocks\.(\d+)\."
 _VISION_HF_LAYER = r"encoder.layer.\1."
 _RELATIVE = r"(relative_position_bias_table|relative_position_index)"
-_VISION_BASE = (
+# Read backwards by `fairseq_export` as well.
+VISION_BASE = (
   (r"cls_token", r"embeddings.cls_token"),
   (r"mask_token", r"embeddings.mask_token"),
   (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
@@ -263,7 +264,7 @@ _LAYOUTS = {
     ema_key="encoder._ema",
   ),
   "image": _Layout(
-    base=_compile(_VISION_BASE),
+    base=_compile(VISION_BASE),
     heads=_compile(_VISION_HEADS),
     drops=_compile(_VISION_DROPS),
     task_of_head="classify",

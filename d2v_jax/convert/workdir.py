@@ -282,7 +282,7 @@ def export_checkpoint(workdir, out_dir) -> dict:
   out_dir = pathlib.Path(out_dir).expanduser()
   files.save_hf_dir(out_dir, state_dict, hf_config)
   _export_side_files(out_dir, run)
-  if run.modality in ("audio", "text") and head_cfg is None:  # and fairseq's layout
+  if head_cfg is None:  # and the released layout (fairseq's, data2vec_vision's)
     config = _run_config(run)
     try:
       ckpt = fairseq_export.v1_checkpoint(config, run.params, run.teacher)
