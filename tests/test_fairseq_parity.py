@@ -21,13 +21,16 @@ from safetensors import numpy as safetensors_numpy
 from configs import workdir as workdir_config
 from d2v_jax import (
   checkpoint,
+  finetune_steps,
   losses,
   masking_v2,
+  pretrained,
   steps,
   teacher,
   train,
 )
 from d2v_jax.convert import files, workdir
+from d2v_jax.models import finetune as finetune_models
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "fairseq"
 FORWARD_TOL = 1e-4
@@ -383,3 +386,48 @@ def test_v1_export_also_writes_fairseqs_layout(name, tmp_path):
     for field in encoder:
       want = theirs["cfg"]["model"]["transformer"]["encoder"][field]
       assert ours["cfg"]["model"]["transformer"]["encoder"][field] == want, field
+
+
+def test_fine_tuned_ctc_exports_to_fairseqs_layout(tmp_path):
+  """A CTC fine-tuning run exports to HF and to fairseq's `Wav2VecCtc` layout: the round trip
+  of fairseq's own file returns every tensor but the mask embedding, which its config never
+  uses (mask_prob 0) and the import leaves out (listed as dropped); fairseq loads the export
+  with strict=True (make_fairseq_fixtures.py --check-export)."""
+  report = workdir.import_checkpoint(FIXTURES / "ctc_v1.pt", tmp_path / "run")
+  assert any(line.startswith("w2v_encoder.w2v_model.mask_emb") for line in report["dropped"])
+  workdir.export_checkpoint(tmp_path / "run", tmp_path / "export")
+  ours = files.load_torch_file(tmp_path / "export" / workdir.FAIRSEQ_CHECKPOINT)
+  theirs = files.load_torch_file(FIXTURES / "ctc_v1.pt")
+  assert sorted(ours["model"]) == sorted(theirs["model"])
+  for key, value in theirs["model"].items():
+    if not key.endswith("mask_emb"):
+      np.testing.assert_allclose(ours["model"][key], value, atol=1e-6, err_msg=key)
+  encoder = ours["cfg"]["model"]["w2v_args"]["model"]
+  want = theirs["cfg"]["model"]["w2v_args"]["model"]
+  for field in ("conv_feature_layers", "encoder_layers", "encoder_embed_dim", "conv_pos"):
+    assert encoder[field] == want[field], field
+
+
+def test_fine_tuned_ctc_logits_equal_fairseqs(tmp_path):
+  """fairseq's own `Wav2VecCtc` over a data2vec encoder (the released `*_960h.pt` layout):
+  imported as our CTC fine-tuning model, its logits equal fairseq's at valid frames."""
+  report = workdir.import_checkpoint(FIXTURES / "ctc_v1.pt", tmp_path / "run")
+  assert report["mode"] == "finetune" and report["head"]["task"] == "ctc"
+  config = workdir_config.get_config(str(tmp_path / "run"))
+  run = pretrained.load_pretrained(tmp_path / "run")
+  model = finetune_models.build_finetune_model("audio", config.model, config.head)
+  reference = dict(np.load(FIXTURES / "ctc_v1.npz"))
+  batch = {
+    "audio": jnp.asarray(reference["input/source"]),
+    "padding_mask": jnp.asarray(reference["input/padding_mask"]),
+  }
+  logits, frame_padding = jax.device_get(
+    jax.jit(finetune_steps.make_predict(model, "audio"))(run.params, batch)
+  )
+  np.testing.assert_array_equal(frame_padding, reference["out/frame_padding"])
+  np.testing.assert_allclose(logits[0], reference["out/logits"][0], atol=FORWARD_TOL)
+  # The padded row against fairseq on its valid samples alone (see the generator: fairseq's
+  # positional conv lets padding leak into valid frames, ours does not).
+  alone = reference["out/logits_row1_alone"]
+  np.testing.assert_allclose(logits[1, : len(alone)], alone, atol=FORWARD_TOL)
+  assert frame_padding[1, len(alone) :].all()

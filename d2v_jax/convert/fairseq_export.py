@@ -190,11 +190,11 @@ def _linear_to_torch(dense) -> dict:
 
 
 def audio_v1_cfg(config) -> dict:
-  """fairseq's `data2vec_audio` model config (plain types) of a speech 1.0 run."""
+  """fairseq's `data2vec_audio` model config (plain types) of a speech 1.0 run: its structure,
+  its dropouts and, for a pretraining run, its recipe."""
   m, sizes = config.model, data2vec.model_sizes("audio", config.model)
   c, depth = sizes["conv_dim"], sizes["pos_conv_depth"]
-  t = config.targets
-  return {
+  cfg = {
     "_name": "data2vec_audio",
     "extractor_mode": "layer_norm",
     "conv_feature_layers": f"[({c}, 10, 5)] + [({c}, 3, 2)] * 4 + [({c}, 2, 2)] * 2",
@@ -208,6 +208,17 @@ def audio_v1_cfg(config) -> dict:
     "conv_pos_groups": sizes["pos_conv_groups"],
     "pos_conv_depth": depth,
     "layer_norm_first": False,
+    "dropout": m.dropout,
+    "attention_dropout": m.attention_dropout,
+    "activation_dropout": m.activation_dropout,
+    "encoder_layerdrop": m.layerdrop,
+    "feature_grad_mult": m.feature_grad_mult,
+  }
+  if "targets" not in config:  # a fine-tuning run: the encoder's structure is what counts
+    return cfg
+  t = config.targets
+  return {
+    **cfg,
     "average_top_k_layers": t.top_k,
     **_norm_flags(t.layer_norm, "instance_norm_target_layer", "layer_norm_target_layer"),
     **_norm_flags(t.final_norm, "instance_norm_targets", "layer_norm_targets"),
@@ -221,11 +232,6 @@ def audio_v1_cfg(config) -> dict:
     "max_update": config.loop.total_steps,
     "mask_prob": config.masking.prob,
     "mask_length": config.masking.length,
-    "dropout": m.dropout,
-    "attention_dropout": m.attention_dropout,
-    "activation_dropout": m.activation_dropout,
-    "encoder_layerdrop": m.layerdrop,
-    "feature_grad_mult": m.feature_grad_mult,
     "min_target_var": config.loop.min_target_std,
     "min_pred_var": config.loop.min_pred_std,
   }
@@ -398,3 +404,41 @@ def image_v1_checkpoint(config, params, teacher=None) -> dict:
   if teacher is not None:
     ckpt["model_ema"] = _beit_state(dict(teacher), grid)
   return ckpt
+
+
+def ctc_v1_checkpoint(config, params) -> dict:
+  """`{"model", "cfg"}` of a CTC fine-tuning run on a data2vec 1.0 speech encoder, as fairseq's
+  `Wav2VecCtc` saves it (the released `*_960h.pt` layout): the encoder under
+  `w2v_encoder.w2v_model.`, the letter projection as `w2v_encoder.proj`, the pretraining config
+  as `w2v_args`."""
+  if data2vec.model_sizes("audio", config.model)["pos_conv_depth"] < 2:
+    raise common.ConversionError("this run's single positional conv has no fairseq counterpart")
+  prefix = hf_audio.TASK_MODEL_PREFIX
+  hf_state = hf_audio.params_to_hf(params, prefix=prefix)
+  state = {}
+  for name, value in hf_state.items():
+    if name.startswith(prefix):
+      state["w2v_encoder.w2v_model." + _fairseq_name("audio", name[len(prefix) :])] = value
+    elif name.startswith("lm_head."):  # HF's CTC head is fairseq's encoder projection
+      state["w2v_encoder.proj." + name[len("lm_head.") :]] = value
+    else:
+      raise common.ConversionError(f"HF key {name} has no fairseq Wav2VecCtc name")
+  encoder_cfg = audio_v1_cfg(config)
+  m = config.model
+  cfg = {
+    "_name": "wav2vec_ctc",
+    "no_pretrained_weights": False,
+    "normalize": False,
+    "apply_mask": m.get("mask_prob", 0.0) > 0,
+    "dropout": m.dropout,
+    "final_dropout": config.head.get("dropout", 0.0),
+    "attention_dropout": m.attention_dropout,
+    "activation_dropout": m.activation_dropout,
+    "layerdrop": m.layerdrop,
+    "feature_grad_mult": m.feature_grad_mult,
+    "w2v_args": {
+      "model": encoder_cfg,
+      "task": {"_name": "audio_pretraining", "data": "", "normalize": False},
+    },
+  }
+  return {"model": state, "cfg": {"model": cfg}}

@@ -282,10 +282,14 @@ def export_checkpoint(workdir, out_dir) -> dict:
   out_dir = pathlib.Path(out_dir).expanduser()
   files.save_hf_dir(out_dir, state_dict, hf_config)
   _export_side_files(out_dir, run)
-  if head_cfg is None:  # and the released layout (fairseq's, data2vec_vision's)
+  is_ctc = head_cfg is not None and run.modality == "audio" and head_cfg.task == "ctc"
+  if head_cfg is None or is_ctc:  # and the released layout (fairseq's, data2vec_vision's)
     config = _run_config(run)
     try:
-      ckpt = fairseq_export.v1_checkpoint(config, run.params, run.teacher)
+      if is_ctc:
+        ckpt = fairseq_export.ctc_v1_checkpoint(config, run.params)
+      else:
+        ckpt = fairseq_export.v1_checkpoint(config, run.params, run.teacher)
     except common.ConversionError as error:
       logging.info("No fairseq checkpoint.pt: %s", error)
     else:
