@@ -31,9 +31,8 @@ Mapping (i: main block, j: prenet block, which come first in our `encoder/blocks
 Not carried over, and reported: the image's `fixed_positional_encoder.positions`, a frozen sin-cos
 table that our model computes (checked equal to ours first). The EMA teacher (`_ema`) holds what
 each modality EMAs (spec §2.3): speech the context encoder and blocks, images also the patch
-embedding and CLS token, text only the blocks; a file written with `ema_encoder_only=True` holds
-only the blocks, named `<i>.*`, for any modality. Anything else is an error listing every key
-that does not map.
+embedding and CLS token; with `ema_encoder_only=True` (text's recipe) only the blocks, `<i>.*`.
+Anything else is an error listing every key that does not map.
 """
 
 import math
@@ -417,8 +416,7 @@ def _upgrade(arrays: dict) -> dict:
 def _teacher_leaves(modality: str, ema: Mapping[str, Any], table: common.KeyTable, m: str, sizes):
   """Our flat teacher leaves {path: array} from fairseq's `_ema` dict."""
   ema = _upgrade(dict(ema))
-  # `ema_encoder_only=True` (fairseq's default; text's released recipe): the teacher is the
-  # block list alone, keys `<i>.*`; the rest of the teacher is the student's (`copy_params`).
+  # `ema_encoder_only=True`: the block list alone (`<i>.*`); the rest is the student's.
   ema = {("blocks." + k if k[:1].isdigit() else k): v for k, v in ema.items()}
   problems = _positions_problem(ema[m + POSITIONS], sizes) if m + POSITIONS in ema else []
   if problems:
